@@ -1,0 +1,41 @@
+# taxonet: set up, run the demo, run the tests. Everything installs into .venv (Python 3.11).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps demo test test-fast bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision pinned as measured in ENVIRONMENT.md (CUDA build; runs on CPU too)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Debian's Prometheus for the metrics end-to-end test (needs root; skipped when already installed).
+system-deps:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "prometheus not installed (sudo apt-get install prometheus); its e2e test will be skipped"; fi; }
+
+# The main job on the embedded default: synthetic data -> prepare -> train (2 Ray CPU workers) -> evaluate -> serve.
+demo: setup
+	$(VENV)/bin/taxonet demo
+
+test: setup system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "unit or data" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) tests/bench/bench_data.py
+	$(PY) tests/bench/bench_train.py
+	$(PY) tests/bench/bench_serve.py
+
+clean:
+	rm -rf $(VENV) runs taxonet-demo .pytest_cache

@@ -1,0 +1,89 @@
+"""CLI verbs for training and reports: ``train``, ``evaluate``, ``experiment``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="demo",
+                        help="packaged config name (demo, resnet50_mtl, effnetb3_mtl, resnet50_species, "
+                             "effnetb3_species) or a YAML path (default: demo)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.epochs=3 (repeatable)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides, same as --set")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for an embedded local Ray")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train a model with Ray Train (resumes a run of the same name)")
+    _add_config_arguments(train)
+    train.set_defaults(handler=_train)
+
+    evaluate = subparsers.add_parser("evaluate", help="Table-4 report, confusion matrices, unseen-species table")
+    evaluate.add_argument("checkpoint", help="checkpoint directory (local or s3://), e.g. runs/demo/best")
+    evaluate.add_argument("dataset", help="prepared dataset URI")
+    evaluate.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    evaluate.add_argument("--unseen", default=None, help="dataset URI of species unseen in training")
+    evaluate.add_argument("--out", default=None, help="report directory (default: <checkpoint>-report, local)")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.set_defaults(handler=_evaluate)
+
+    experiment = subparsers.add_parser("experiment", help="N seeds of the MTL model and its single-task baseline")
+    _add_config_arguments(experiment)
+    experiment.add_argument("--seeds", type=int, default=5)
+    experiment.add_argument("--no-baseline", action="store_true", help="skip the single-task baseline")
+    experiment.add_argument("--sequential", action="store_true", help="one run at a time")
+    experiment.add_argument("--out", default=None, help="where to write table4.md/csv (default: next to the runs)")
+    experiment.set_defaults(handler=_experiment)
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    from taxonet.config import load_config
+
+    return load_config(args.config, list(args.sets) + list(args.overrides))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from taxonet import raycluster
+    from taxonet.train.ray_trainer import run_training
+
+    config = _load(args)
+    raycluster.init(args.address, num_cpus=args.num_cpus)
+    result = run_training(config)
+    summary = {"run": result.run_uri, "best_checkpoint": result.best_checkpoint,
+               "resumed_from_epoch": result.resumed_from_epoch,
+               "best": {k: v for k, v in result.metrics.items() if k.startswith("val_") or k == "epoch"}}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from taxonet.evaluate import run_evaluation
+
+    report = run_evaluation(args.checkpoint, args.dataset, split=args.split, unseen_uri=args.unseen,
+                            device=args.device, batch_size=args.batch_size)
+    out = args.out or (args.checkpoint.rstrip("/").rsplit("/", 1)[-1] + "-report"
+                       if args.checkpoint.startswith("s3://") else args.checkpoint.rstrip("/") + "-report")
+    paths = report.write(out)
+    print((paths.get("report") or next(iter(paths.values()))).read_text(encoding="utf-8")
+          if paths else "", file=sys.stdout)
+    print(f"report written to {out}")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from taxonet import raycluster
+    from taxonet.experiment import run_experiment
+
+    config = _load(args)
+    raycluster.init(args.address, num_cpus=args.num_cpus)
+    result = run_experiment(config, seeds=args.seeds, baseline=not args.no_baseline, out_uri=args.out,
+                            parallel=not args.sequential)
+    print(getattr(result, "table_markdown", result))
+    return 0

@@ -1,0 +1,1 @@
+"""Data: synthetic source, dataset format, prepare, transforms and the Ray Data pipeline."""

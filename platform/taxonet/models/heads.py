@@ -1,0 +1,53 @@
+"""Rank heads and the hierarchical classifier (Bjerge et al. 2023, METHOD.md "Model").
+
+R0 = backbone(x); dropout 0.5 on R0; for each rank l: R_l = W_l2 · relu(W_l1 · R0 + b_l1) + b_l2 (hidden 512).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from taxonet.models.backbones import build_backbone
+
+if TYPE_CHECKING:
+    from taxonet.config import ModelConfig
+    from taxonet.taxonomy import Taxonomy
+
+
+class RankHead(nn.Module):
+    """Two-layer head for one rank: Linear → ReLU → Linear."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 512) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(features)))
+
+
+class HierarchicalClassifier(nn.Module):
+    """Shared backbone + one independent head per rank; ``forward`` returns ``{rank: logits}``."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, heads: dict[str, int], hidden: int = 512,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.ranks = tuple(heads)
+        self.heads = nn.ModuleDict({rank: RankHead(feature_dim, n, hidden) for rank, n in heads.items()})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.dropout(self.backbone(images))
+        return {rank: self.heads[rank](features) for rank in self.ranks}
+
+
+def build_model(config: "ModelConfig", taxonomy: "Taxonomy") -> HierarchicalClassifier:
+    """Model for ``taxonomy``: every rank (multitask) or the last rank only (``config.single_task``)."""
+    backbone, dim = build_backbone(config.backbone, config.weights)
+    ranks = taxonomy.ranks[-1:] if config.single_task else taxonomy.ranks
+    heads = {rank: taxonomy.num_classes(rank) for rank in ranks}
+    return HierarchicalClassifier(backbone, dim, heads, hidden=config.hidden, dropout=config.dropout)

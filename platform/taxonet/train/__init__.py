@@ -1,0 +1,1 @@
+"""Training at cluster scale: Ray Train wrapped around the plain-PyTorch loop of ``taxonet.engine``."""
