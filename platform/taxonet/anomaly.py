@@ -111,7 +111,8 @@ def fit_temperature(logits: Any, labels: Any, bounds: tuple[float, float] = (0.0
     if len(labels) == 0:
         raise ValueError("no labelled sample to fit a temperature on")
     if labels.min() < 0 or labels.max() >= array.shape[1]:
-        raise ValueError(f"labels must be in 0..{array.shape[1] - 1} (or {UNSPECIFIED}), got {labels.min()}..{labels.max()}")
+        raise ValueError(f"labels must be in 0..{array.shape[1] - 1} (or {UNSPECIFIED}), "
+                         f"got {labels.min()}..{labels.max()}")
     low, high = (float(b) for b in bounds)
     if not 0 < low < high:
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
@@ -179,7 +180,7 @@ class AnomalyThresholds:
 
     def __init__(self, rows: Iterable[ClassThreshold], k: float) -> None:
         self._k = float(k)
-        self._rows = tuple(sorted(rows, key=lambda r: (r.rank, r.class_index)))
+        self._rows = tuple(rows)  # kept in the given order: fit writes ranks in taxonomy order, classes by index
         self._by_rank: dict[str, dict[int, ClassThreshold]] = {}
         for row in self._rows:
             per_rank = self._by_rank.setdefault(row.rank, {})

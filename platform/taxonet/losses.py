@@ -131,7 +131,7 @@ class HierarchicalLoss(nn.Module):
             else:  # soft: probability mass on forbidden (parent, child) pairs, in float32 even under autocast
                 parent_prob = torch.softmax(parent_logits.float(), dim=1)
                 child_prob = torch.softmax(child_logits.float(), dim=1)
-                forbidden = getattr(self, f"_forbidden_{level}")
+                forbidden = getattr(self, f"_forbidden_{level}").to(parent_prob.dtype)  # survives module.half()
                 mass = ((parent_prob @ forbidden) * child_prob).sum(dim=1)
                 term = term + mass.sum() / max(batch, 1)
         return term

@@ -120,7 +120,8 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int, unsure: Any = N
     for what, values in (("y_true", y_true), ("y_pred", y_pred)):
         bad = (values < 0) | (values >= num_classes)
         if bad.any():
-            raise ValueError(f"{what} holds class indices outside 0..{num_classes - 1}: {sorted(set(values[bad].tolist()))[:5]}")
+            offenders = sorted(set(values[bad].tolist()))[:5]
+            raise ValueError(f"{what} holds class indices outside 0..{num_classes - 1}: {offenders}")
     column = np.where(unsure, num_classes, y_pred)
     flat = np.bincount(y_true * (num_classes + 1) + column, minlength=num_classes * (num_classes + 1))
     return flat.reshape(num_classes, num_classes + 1).astype(np.int64)

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 #: Index used for a rank whose label is not known ("unspecified"); excluded from that rank's loss and metrics.
 UNSPECIFIED = -1
@@ -55,21 +54,30 @@ class UnknownTaxonError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (plain YAML silently keeps the last one)."""
+def _load_yaml_unique(text: str) -> Any:
+    """yaml.safe_load that refuses duplicate mapping keys (plain YAML silently keeps the last one).
 
+    PyYAML is imported here, not at module import, so the taxonomy works where only numpy is installed (GPU boxes).
+    """
+    import yaml
 
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    mapping: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise TaxonomyError(f"duplicate name {key!r} at line {key_node.start_mark.line + 1}")
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
 
+    def construct_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        mapping: dict = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in mapping:
+                raise TaxonomyError(f"duplicate name {key!r} at line {key_node.start_mark.line + 1}")
+            mapping[key] = loader.construct_object(value_node, deep=deep)
+        return mapping
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise TaxonomyError(f"taxonomy is not valid YAML/JSON: {exc}") from exc
 
 
 def is_unspecified(label: Any) -> bool:
@@ -220,11 +228,7 @@ class Taxonomy:
     @classmethod
     def loads(cls, text: str) -> "Taxonomy":
         """Parse YAML or JSON text (JSON is YAML)."""
-        try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
-        except yaml.YAMLError as exc:
-            raise TaxonomyError(f"taxonomy is not valid YAML/JSON: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(_load_yaml_unique(text))
 
     @classmethod
     def load(cls, path: str | Path) -> "Taxonomy":
@@ -285,6 +289,8 @@ class Taxonomy:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
             path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
         else:
             path.write_text(self.to_json(), encoding="utf-8")

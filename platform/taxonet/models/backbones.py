@@ -147,7 +147,10 @@ def build_backbone(name: str, weights: str | None = None) -> tuple[nn.Module, in
     own = module.state_dict()
     dropped = [k for k in state if k not in own and k.startswith(("fc.", "classifier."))]
     state = {k: v for k, v in state.items() if k not in dropped}
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same keys, other shapes (e.g. a wider network's file)
+        raise WeightsUnavailableError(f"weights {weights!r} do not fit backbone {name!r}: {exc}") from exc
     if missing or unexpected:
         raise WeightsUnavailableError(
             f"weights {weights!r} do not fit backbone {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"

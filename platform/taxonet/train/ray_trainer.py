@@ -188,7 +188,7 @@ def fit_and_publish_thresholds(config_dict: dict[str, Any], checkpoint_uri: str,
     import torch
 
     from taxonet import engine
-    from taxonet.checkpoint import add_thresholds, load_checkpoint, materialize, publish_checkpoint
+    from taxonet.checkpoint import add_thresholds, load_checkpoint, materialize, publish_checkpoint, write_manifest
     from taxonet.config import from_dict
     from taxonet.data.pipeline import Collator, iter_parquet_batches
 
@@ -204,6 +204,7 @@ def fit_and_publish_thresholds(config_dict: dict[str, Any], checkpoint_uri: str,
                                            config.anomaly, amp=config.train.amp,
                                            channels_last=config.train.channels_last)
         (local / "train_state.pt").unlink(missing_ok=True)  # serving needs no optimiser state
+        write_manifest(local)  # re-list the files without it: add_thresholds verifies the manifest first
         add_thresholds(local, thresholds, {"source_checkpoint": checkpoint_uri})
         publish_checkpoint(local, best_uri)
     return {"thresholds": len(thresholds.rows)}

@@ -1,0 +1,428 @@
+"""The Ray Serve application: a CPU ingress (HTTP, validation, decoding) and a batched model deployment.
+
+    client ──HTTP──▶ TaxonetIngress (FastAPI)            ──handle──▶ TaxonetClassifier (@serve.batch)
+                     auth, content type, size limits,               Predictor: batch forward, anomaly test,
+                     decode + eval transform per image              top-k per rank, metrics
+
+Import path for ``serve run`` / ``serve deploy`` / the RayService: ``taxonet.serve.app:app_builder`` with the
+arguments of :class:`taxonet.serve.config.ServeArgs`. The classifier's ``user_config`` (checkpoint, top_k,
+max_batch_size, batch_wait_timeout_s) is applied in place by ``reconfigure``: batching changes at once, and a new
+checkpoint is loaded beside the running model and swapped in when ready, so a rollout fails no request.
+
+The ingress preprocesses with the transform the classifier reports (from the checkpoint) and tags every tensor with
+it; if a rollout changed the transform meanwhile, the classifier sends the image back and the ingress redoes it.
+"""
+
+# No `from __future__ import annotations`: the deployment classes are pickled by value, and FastAPI must resolve
+# endpoint annotations (Request, ...) from real objects, not strings whose globals did not travel.
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from taxonet.data.transforms import ImageDecodeError, TransformSpec
+from taxonet.predictor import SERVED_FORMATS, Predictor, Preprocessor, spec_key
+from taxonet.serve.config import ClassifierConfig, IngressSettings, ServeArgs
+from taxonet.serve.errors import ERROR_RESPONSES, ApiError, error_response, install_error_handlers
+
+log = logging.getLogger("ray.serve")
+
+RAW_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+#: content types accepted on a multipart file part; octet-stream/absent leave the decision to the image's bytes
+PART_TYPES = set(RAW_TYPES) | {"application/octet-stream", ""}
+ROUTES = ("/v1/classify", "/v1/taxonomy", "/v1/model", "/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect",
+          "/redoc")
+STALE = "stale_transform"
+
+
+# ---------------------------------------------------------------------------------------------------- model side
+@serve.deployment(name="TaxonetClassifier")
+class TaxonetClassifier:
+    """Holds a :class:`Predictor`; answers images one call each, batched by ``@serve.batch`` across callers."""
+
+    def __init__(self, device: str = "auto", defaults: dict[str, Any] | None = None) -> None:
+        from taxonet.serve.metrics import ClassifierMetrics
+
+        self._device = device
+        self._defaults = dict(defaults or {})
+        self._config: ClassifierConfig | None = None
+        self._predictor: Predictor | None = None
+        self._rollout_error: str | None = None
+        self._reload_lock = asyncio.Lock()
+        self._metrics = ClassifierMetrics()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply batching settings at once; load a new checkpoint beside the old model and swap when ready.
+
+        The first load failing fails the replica (a deploy with a bad checkpoint must not look healthy). A later
+        load failing keeps the running model and reports the problem in GET /v1/model (``rollout_error``).
+        """
+        config = ClassifierConfig.model_validate({**self._defaults, **(user_config or {})})
+        self._predict_batch.set_max_batch_size(config.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        async with self._reload_lock:
+            current = self._config
+            if self._predictor is not None and current is not None and current.checkpoint == config.checkpoint:
+                self._predictor.top_k = config.top_k
+                self._config = config
+                return
+            try:
+                predictor = await asyncio.to_thread(Predictor.from_checkpoint, config.checkpoint, self._device,
+                                                    top_k=config.top_k)
+            except Exception as exc:
+                if self._predictor is None:
+                    raise
+                self._rollout_error = f"checkpoint {config.checkpoint} not loaded, still serving " \
+                                      f"{self._predictor.version}: {exc}"
+                log.error("taxonet: %s", self._rollout_error)
+                return
+            self._predictor, self._config, self._rollout_error = predictor, config, None
+            self._metrics.serving(predictor.name, predictor.version)
+            log.info("taxonet: serving %s %s from %s on %s", predictor.name, predictor.version, config.checkpoint,
+                     predictor.device)
+
+    def check_health(self) -> None:
+        if self._predictor is None:
+            raise RuntimeError("no model loaded")
+
+    def describe(self) -> dict[str, Any]:
+        predictor = self._require()
+        info = predictor.describe()
+        info["max_batch_size"] = self._predict_batch._get_max_batch_size()
+        info["batch_wait_timeout_s"] = self._predict_batch._get_batch_wait_timeout_s()
+        info["rollout_error"] = self._rollout_error
+        return info
+
+    def taxonomy(self) -> dict[str, Any]:
+        taxonomy = self._require().taxonomy
+        return {"ranks": list(taxonomy.ranks),
+                "classes": {rank: list(names) for rank, names in zip(taxonomy.ranks, taxonomy.names)},
+                "tree": taxonomy.tree()}
+
+    async def classify(self, image: np.ndarray, transform_key: str) -> dict[str, Any]:
+        """One preprocessed image [3, S, S] → its answer, or ``{"stale_transform": True}`` after a transform change."""
+        return await self._predict_batch((image, transform_key))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _predict_batch(self, items: list[tuple[np.ndarray, str]]) -> list[dict[str, Any]]:
+        import torch
+
+        predictor = self._require()  # one model for the whole batch, even if a rollout swaps it meanwhile
+        key = spec_key(predictor.transform)
+        fresh = [i for i, (_, item_key) in enumerate(items) if item_key == key]
+        out: list[dict[str, Any]] = [{STALE: True}] * len(items)
+        if fresh:
+            batch = torch.from_numpy(np.stack([items[i][0] for i in fresh]))
+            start = time.perf_counter()
+            # the forward pass releases the GIL: a worker thread keeps the replica's event loop answering
+            answers = await asyncio.to_thread(predictor.predict_tensors, batch)
+            self._metrics.batch(len(fresh), time.perf_counter() - start, answers)
+            model = {"name": predictor.name, "version": predictor.version}
+            for i, answer in zip(fresh, answers):
+                answer["model"] = model
+                out[i] = answer
+        return out
+
+    def _require(self) -> Predictor:
+        if self._predictor is None:
+            raise RuntimeError("no model loaded yet")
+        return self._predictor
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP side
+class TopK(BaseModel):
+    label: str
+    probability: float
+
+
+class RankAnswer(BaseModel):
+    top_k: list[TopK]
+    label: str | None
+    score: float | None
+    reliable: bool
+    confidence: float | None
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class ImageAnswer(BaseModel):
+    filename: str | None
+    ranks: dict[str, RankAnswer]
+    lowest_reliable_rank: str | None
+    lowest_reliable_label: str | None
+    consistent: bool
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelRef
+    predictions: list[ImageAnswer]
+
+
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "One image as the raw body, or several as multipart/form-data parts named `files`.",
+        "content": {
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in ("image/jpeg", "image/png", "image/webp")},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        },
+    }
+}
+
+
+class _RequestMetrics:
+    """Pure ASGI middleware: counts every answer by route and status, times classify requests end to end."""
+
+    def __init__(self, app: Any, metrics: Any) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        route = path if path in ROUTES else "other"  # bounded label values, whatever URLs clients invent
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.request(route, status)
+            if route == "/v1/classify":
+                self.metrics.stage("total", time.perf_counter() - start)
+
+
+@serve.deployment(name="TaxonetIngress")
+@serve.ingress()
+class TaxonetIngress:
+    """HTTP front: authenticates, validates, decodes and preprocesses; the classifier does the model work."""
+
+    def __init__(self, classifier: DeploymentHandle, settings: IngressSettings | dict[str, Any]) -> None:
+        from taxonet.serve.metrics import IngressMetrics
+
+        self._classifier = classifier
+        self._settings = IngressSettings.model_validate(settings)
+        self._token = self._settings.token()
+        self._metrics = IngressMetrics()
+        self._preprocessor: Preprocessor | None = None
+        self._preprocessor_lock = asyncio.Lock()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self.build_api()
+
+    # ------------------------------------------------------------------ the FastAPI app
+    def build_api(self) -> Any:
+        api = FastAPI(
+            title="taxonet",
+            version="1",
+            description="Hierarchical insect classification (order → family → species) with the lowest reliable "
+                        "rank per image. Errors are JSON `{\"error\": {\"code\", \"message\"}}`.",
+        )
+        install_error_handlers(api)
+        v1 = APIRouter(prefix="/v1", dependencies=[Depends(self._authenticate)], responses={401: ERROR_RESPONSES[401]})
+
+        @v1.post("/classify", summary="Classify one image (raw body) or several (multipart `files`)",
+                 responses={200: {"model": ClassifyResponse}, **ERROR_RESPONSES}, openapi_extra=_CLASSIFY_BODY)
+        async def classify(request: Request) -> JSONResponse:
+            return JSONResponse(await self._classify(request))
+
+        @v1.get("/taxonomy", summary="Ranks, class names per rank and the tree")
+        async def taxonomy() -> JSONResponse:
+            return JSONResponse(await self._call_model("taxonomy"))
+
+        @v1.get("/model", summary="The served model: name, version, checkpoint, transform, batching")
+        async def model() -> JSONResponse:
+            return JSONResponse(await self._call_model("describe"))
+
+        api.include_router(v1)
+
+        @api.get("/healthz", summary="Liveness: the ingress answers and the model deployment is reachable")
+        async def healthz() -> JSONResponse:
+            info = await self._call_model("describe")
+            return JSONResponse({"status": "ok", "model": {"name": info["name"], "version": info["version"]}})
+
+        api.add_middleware(_RequestMetrics, metrics=self._metrics)
+        return api
+
+    async def _authenticate(self, request: Request) -> None:
+        if self._token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer TOKEN'",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(token.strip().encode(), self._token.encode()):
+            raise ApiError(401, "unauthorized", "wrong token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+    # ------------------------------------------------------------------ classify
+    async def _classify(self, request: Request) -> dict[str, Any]:
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type in RAW_TYPES:
+            body = await self._read_body(request, self._settings.max_image_bytes, "image")
+            if not body:
+                raise ApiError(400, "empty_body", "the request body is empty: send the image bytes")
+            uploads = [(None, body)]
+        elif media_type == "multipart/form-data":
+            uploads = await self._read_multipart(request)
+        else:
+            shown = media_type or "none"
+            raise ApiError(415, "unsupported_media_type", f"content type {shown} is not accepted: send one image as "
+                           "image/jpeg, image/png or image/webp, or several as multipart/form-data 'files'")
+        preprocessor = await self._current_preprocessor()
+        answers = await asyncio.gather(*(self._classify_one(name, data, index, len(uploads), preprocessor)
+                                         for index, (name, data) in enumerate(uploads)))
+        model = answers[0].pop("model")
+        for answer in answers[1:]:
+            answer.pop("model")
+        return {"model": model, "predictions": list(answers)}
+
+    async def _classify_one(self, filename: str | None, data: bytes, index: int, count: int,
+                            preprocessor: Preprocessor) -> dict[str, Any]:
+        where = f"files[{index}] ({filename}): " if count > 1 or filename else ""
+        for _ in range(3):  # a rollout can change the transform between preprocessing and inference
+            image = await self._preprocess(preprocessor, data, where)
+            try:
+                answer = await self._classifier.classify.remote(image, preprocessor.key)
+            except (RayActorError, ActorUnavailableError) as exc:  # replica gone or starting: not the client's fault
+                log.warning("taxonet: classifier replica unavailable: %r", exc)
+                raise ApiError(503, "unavailable", "the model deployment is not available; retry shortly") from None
+            if not answer.get(STALE):
+                return {"filename": filename, **answer}
+            preprocessor = await self._current_preprocessor(refresh=True)
+        raise ApiError(503, "unavailable", "the model changed repeatedly during this request; retry")
+
+    async def _preprocess(self, preprocessor: Preprocessor, data: bytes, where: str) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            tensor = await asyncio.to_thread(preprocessor, data)  # PIL releases the GIL: decode off the event loop
+        except ImageDecodeError as exc:
+            raise ApiError.from_decode(exc, where) from None
+        self._metrics.stage("decode", time.perf_counter() - start)
+        return tensor.numpy()
+
+    async def _current_preprocessor(self, refresh: bool = False) -> Preprocessor:
+        async with self._preprocessor_lock:
+            if self._preprocessor is None or refresh:
+                info = await self._call_model("describe")
+                spec = TransformSpec.from_dict(info["transform"])
+                if self._preprocessor is None or self._preprocessor.key != spec_key(spec):
+                    self._preprocessor = Preprocessor(spec, max_pixels=self._settings.max_image_pixels,
+                                                      allowed_formats=SERVED_FORMATS)
+            return self._preprocessor
+
+    async def _call_model(self, method: str) -> Any:
+        try:
+            return await getattr(self._classifier, method).remote()
+        except Exception as exc:  # the model deployment is starting, failing or gone: not the client's fault
+            log.warning("taxonet: model deployment unreachable: %r", exc)
+            raise ApiError(503, "unavailable", "the model deployment is not available; retry shortly") from None
+
+    async def _read_body(self, request: Request, limit: int, what: str) -> bytes:
+        """The body, refused with 413 as soon as it is known to exceed ``limit`` (header or streamed bytes)."""
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                declared_bytes = int(declared)
+            except ValueError:
+                raise ApiError(400, "bad_request", f"invalid Content-Length {declared!r}") from None
+            if declared_bytes > limit:
+                raise ApiError(413, "payload_too_large", f"{what} of {declared_bytes} bytes is over the limit of "
+                                                         f"{limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "payload_too_large", f"{what} is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        request._body = body  # starlette's own cache: lets request.form() parse what was already read
+        return body
+
+    async def _read_multipart(self, request: Request) -> list[tuple[str | None, bytes]]:
+        settings = self._settings
+        await self._read_body(request, settings.max_request_bytes, "request body")
+        try:
+            form = await request.form(max_files=settings.max_files, max_fields=settings.max_files + 16,
+                                      max_part_size=settings.max_image_bytes)
+        except (MultiPartException, StarletteHTTPException) as exc:  # starlette turns parser errors into 400s
+            message = str(getattr(exc, "detail", None) or getattr(exc, "message", None) or exc)
+            if message.startswith("Too many files"):
+                raise ApiError(400, "too_many_files", f"more than {settings.max_files} files in one request "
+                                                      f"(the limit is {settings.max_files})") from None
+            if message.startswith(("Part exceeded", "Field exceeded")):
+                raise ApiError(413, "payload_too_large",
+                               f"a form field is over the limit of {settings.max_image_bytes} bytes") from None
+            raise ApiError(400, "bad_multipart", f"malformed multipart body: {message}") from None
+        try:
+            parts = form.getlist("files")
+            if not parts:
+                fields = sorted(set(form.keys()))
+                raise ApiError(400, "no_files", "the multipart body has no 'files' part"
+                               + (f" (found {', '.join(fields)})" if fields else ""))
+            if len(parts) > settings.max_files:
+                raise ApiError(400, "too_many_files", f"{len(parts)} files, more than {settings.max_files}")
+            uploads = []
+            for index, part in enumerate(parts):
+                if not isinstance(part, UploadFile):
+                    raise ApiError(400, "bad_multipart", f"files[{index}] is a text field, not a file upload")
+                part_type = (part.content_type or "").split(";", 1)[0].strip().lower()
+                if part_type not in PART_TYPES:
+                    raise ApiError(415, "unsupported_media_type",
+                                   f"files[{index}] ({part.filename}) has content type {part_type}: send image/jpeg, "
+                                   "image/png or image/webp")
+                if part.size is not None and part.size > settings.max_image_bytes:
+                    raise ApiError(413, "payload_too_large", f"files[{index}] ({part.filename}) has {part.size} "
+                                                             f"bytes, over the limit of {settings.max_image_bytes}")
+                data = await part.read()
+                if not data:
+                    raise ApiError(400, "empty_body", f"files[{index}] ({part.filename}) is empty")
+                uploads.append((part.filename, data))
+            return uploads
+        finally:
+            await form.close()
+
+
+# ---------------------------------------------------------------------------------------------------- builder
+def app_builder(args: "ServeArgs | dict[str, Any]") -> serve.Application:
+    """Build the application from :class:`ServeArgs` (a Serve config's ``args:``); only ``checkpoint`` is required.
+
+    The classifier gets the checkpoint and batching through ``user_config``, so a Serve config that changes only
+    ``deployments[TaxonetClassifier].user_config`` rolls a new model out in place.
+    """
+    config = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
+    user_config = config.classifier_config().model_dump()
+    classifier = TaxonetClassifier.options(user_config=user_config, **config.classifier.options()).bind(
+        device=config.device, defaults=user_config)
+    return TaxonetIngress.options(**config.ingress.options()).bind(classifier, config.ingress_settings())
+
+
+__all__ = ["TaxonetClassifier", "TaxonetIngress", "app_builder", "error_response"]

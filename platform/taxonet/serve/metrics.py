@@ -1,0 +1,84 @@
+"""taxonet's serving metrics, exported by Ray's metrics agent (Prometheus text at the node's metrics export port).
+
+Names start with ``taxonet_``; on export Ray prefixes ``ray_`` and counters gain ``_total`` (docs/metrics.md lists
+the exported names, checked against a live /metrics by tests/serve/test_metrics_e2e.py). Built on
+``ray.serve.metrics`` — ``ray.util.metrics`` plus the replica's ``application``, ``deployment`` and ``replica``
+tags — and created inside replicas (never at import time).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: seconds; from 1 ms (decode of a small crop) to 10 s (a cold GPU batch)
+LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+REQUESTS = "taxonet_requests"
+STAGE_LATENCY = "taxonet_stage_latency_seconds"
+BATCH_SIZE = "taxonet_batch_size"
+PREDICTIONS = "taxonet_predictions"
+UNSURE = "taxonet_unsure"
+MODEL_INFO = "taxonet_model_info"
+
+
+class IngressMetrics:
+    """Requests by route and status; decode and total latency."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Histogram
+
+        self.requests = Counter(REQUESTS, description="HTTP requests answered, by route and status code",
+                                tag_keys=("route", "status"))
+        self.latency = Histogram(STAGE_LATENCY, description="Latency per stage: decode (one image, incl. "
+                                 "preprocessing), inference (one batch), total (one classify request)",
+                                 boundaries=LATENCY_BOUNDARIES, tag_keys=("stage",))
+
+    def request(self, route: str, status: int) -> None:
+        self.requests.inc(1, tags={"route": route, "status": str(status)})
+
+    def stage(self, stage: str, seconds: float) -> None:
+        self.latency.observe(seconds, tags={"stage": stage})
+
+
+class ClassifierMetrics:
+    """Batch sizes, inference latency, predictions and unsure answers per rank, and the loaded model."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.latency = Histogram(STAGE_LATENCY, description="Latency per stage: decode (one image, incl. "
+                                 "preprocessing), inference (one batch), total (one classify request)",
+                                 boundaries=LATENCY_BOUNDARIES, tag_keys=("stage",))
+        self.batch_size = Histogram(BATCH_SIZE, description="Images per model batch",
+                                    boundaries=BATCH_BOUNDARIES)
+        self.predictions = Counter(PREDICTIONS, description="Predicted labels (per-rank winners), by rank and label",
+                                   tag_keys=("rank", "label"))
+        self.unsure = Counter(UNSURE, description="Predictions below their class's anomaly threshold, by rank",
+                              tag_keys=("rank",))
+        self.model_info = Gauge(MODEL_INFO, description="1 for the model this replica serves (name, version)",
+                                tag_keys=("name", "version"))
+        self._model: tuple[str, str] | None = None
+
+    def batch(self, size: int, seconds: float, answers: list[dict[str, Any]]) -> None:
+        self.batch_size.observe(size)
+        self.latency.observe(seconds, tags={"stage": "inference"})
+        counts: dict[tuple[str, str], int] = {}
+        unsure: dict[str, int] = {}
+        for answer in answers:
+            for rank, entry in answer["ranks"].items():
+                if entry["label"] is not None:
+                    counts[(rank, entry["label"])] = counts.get((rank, entry["label"]), 0) + 1
+                if not entry["reliable"]:
+                    unsure[rank] = unsure.get(rank, 0) + 1
+        for (rank, label), count in counts.items():
+            self.predictions.inc(count, tags={"rank": rank, "label": label})
+        for rank, count in unsure.items():
+            self.unsure.inc(count, tags={"rank": rank})
+
+    def serving(self, name: str, version: str) -> None:
+        """Mark (name, version) as the served model; the previous one drops to 0."""
+        if self._model is not None and self._model != (name, version):
+            self.model_info.set(0, tags={"name": self._model[0], "version": self._model[1]})
+        self.model_info.set(1, tags={"name": name, "version": version})
+        self._model = (name, version)

@@ -1,0 +1,297 @@
+"""The HTTP API against a real local Serve on 127.0.0.1 with a checkpoint from a tiny training run.
+
+One application (token configured, small limits, classifier autoscaling 1→2) serves the whole module: good requests,
+every kind of bad input (each checked for status, JSON error and the replica still serving), auth, the read-only
+endpoints and OpenAPI, and finally a bounded load test that must scale the classifier up without a 5xx or a replica
+restart.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from taxonet.predictor import Predictor
+from taxonet.taxonomy import Taxonomy
+
+from .helpers import SMALL, animated_gif, check_answer, deploy, encode, odd_images, png_bomb, replica_names, wait_for
+
+pytestmark = pytest.mark.integration
+
+APP = "taxonet-api"
+PREFIX = "/api"
+TOKEN = "test-token-3f9a"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+LIMITS = {"max_image_bytes": 200_000, "max_files": 4, "max_request_bytes": 1_000_000, "max_image_pixels": 4_000_000}
+CLASSIFIER = {**SMALL, "max_ongoing_requests": 8,
+              "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                              "upscale_delay_s": 0.5, "downscale_delay_s": 600, "metrics_interval_s": 0.5,
+                              "look_back_period_s": 2}}
+
+
+@pytest.fixture(scope="module")
+def api(serve_http: str, checkpoint: Path) -> Iterator[dict[str, Any]]:
+    """The deployed app: base URL, an HTTP client and the replicas it started with."""
+    from ray import serve
+
+    deploy({"checkpoint": str(checkpoint), "api_token": TOKEN, "top_k": 3, "max_batch_size": 4,
+            "batch_wait_timeout_s": 0.02, **LIMITS, "ingress": SMALL, "classifier": CLASSIFIER},
+           name=APP, route_prefix=PREFIX)
+    replicas = {d: replica_names(APP, d) for d in ("TaxonetIngress", "TaxonetClassifier")}
+    assert all(len(names) == 1 for names in replicas.values()), replicas
+    with httpx.Client(base_url=serve_http + PREFIX, timeout=60) as client:
+        yield {"client": client, "replicas": replicas, "url": serve_http + PREFIX}
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> Predictor:
+    return Predictor.from_checkpoint(str(checkpoint), device="cpu", top_k=3)
+
+
+def classify(client: httpx.Client, body: bytes, content_type: str | None = "image/jpeg",
+             headers: dict[str, str] | None = None) -> httpx.Response:
+    sent = dict(AUTH if headers is None else headers)
+    if content_type is not None:
+        sent["content-type"] = content_type
+    return client.post("/v1/classify", content=body, headers=sent)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"], error
+    return error
+
+
+def assert_still_serving(api: dict[str, Any], jpeg: bytes) -> None:
+    """The same replicas as at the start answer a good request."""
+    response = classify(api["client"], jpeg)
+    assert response.status_code == 200, response.text
+    for deployment, names in api["replicas"].items():
+        assert names <= replica_names(APP, deployment), f"{deployment} replica replaced"
+
+
+# ---------------------------------------------------------------------------------------------------- good requests
+def test_single_image_matches_the_in_process_predictor(api: dict[str, Any], reference: Predictor,
+                                                       insect_images: list) -> None:
+    for _, image in insect_images[:3]:
+        data = encode(image)
+        response = classify(api["client"], data)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == {"name": reference.name, "version": reference.version}
+        (answer,) = body["predictions"]
+        assert answer["filename"] is None
+        check_answer(answer, reference.taxonomy, top_k=3)
+        expected = reference.predict_bytes([data])[0]
+        for rank in reference.taxonomy.ranks:
+            got, want = answer["ranks"][rank], expected["ranks"][rank]
+            assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"]]
+            assert got["score"] == pytest.approx(want["score"], abs=1e-4)
+            assert got["reliable"] == want["reliable"]
+        assert answer["lowest_reliable_rank"] == expected["lowest_reliable_rank"]
+
+
+def test_multipart_keeps_order_and_filenames(api: dict[str, Any], reference: Predictor, insect_images: list) -> None:
+    files = [("files", (f"insect{i}.jpg", encode(image), "image/jpeg")) for i, (_, image) in
+             enumerate(insect_images[:3])]
+    files.append(("files", ("insect3.png", encode(insect_images[3][1], "PNG"), "image/png")))
+    response = api["client"].post("/v1/classify", files=files, headers=AUTH)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["filename"] for p in predictions] == ["insect0.jpg", "insect1.jpg", "insect2.jpg", "insect3.png"]
+    for prediction, (_, (_, data, _)) in zip(predictions, files):
+        check_answer(prediction, reference.taxonomy, top_k=3)
+        expected = reference.predict_bytes([data])[0]
+        assert prediction["ranks"]["species"]["label"] == expected["ranks"]["species"]["label"]
+
+
+def test_multipart_without_part_content_type_is_judged_by_its_bytes(api: dict[str, Any], jpeg: bytes) -> None:
+    response = api["client"].post("/v1/classify", files=[("files", ("x.bin", jpeg, "application/octet-stream"))],
+                                  headers=AUTH)
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("kind", ["png_16bit", "cmyk_jpeg", "grayscale_jpeg", "rgba_png", "webp", "palette_png"])
+def test_odd_but_valid_images_are_classified(api: dict[str, Any], reference: Predictor, insect_images: list,
+                                             jpeg: bytes, kind: str) -> None:
+    data, content_type = odd_images(insect_images[4][1])[kind]
+    response = classify(api["client"], data, content_type)
+    assert response.status_code == 200, response.text
+    check_answer(response.json()["predictions"][0], reference.taxonomy, top_k=3)
+    assert_still_serving(api, jpeg)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def _bad_requests(jpeg: bytes, gif: bytes) -> dict[str, tuple[dict[str, Any], int, str]]:
+    """name → (httpx request kwargs, expected status, expected error code)."""
+    big = bytes(random.Random(0).getrandbits(8) for _ in range(LIMITS["max_image_bytes"] + 1))
+    one = ("files", ("a.jpg", jpeg, "image/jpeg"))
+    return {
+        "empty body": ({"content": b"", "headers": {**AUTH, "content-type": "image/jpeg"}}, 400, "empty_body"),
+        "text as text/plain": ({"content": b"just some text", "headers": {**AUTH, "content-type": "text/plain"}},
+                               415, "unsupported_media_type"),
+        "text labelled as jpeg": ({"content": b"just some text", "headers": {**AUTH, "content-type": "image/jpeg"}},
+                                  400, "corrupt_image"),
+        "truncated jpeg": ({"content": jpeg[: len(jpeg) // 2], "headers": {**AUTH, "content-type": "image/jpeg"}},
+                           400, "corrupt_image"),
+        "animated gif": ({"content": gif, "headers": {**AUTH, "content-type": "image/gif"}},
+                         415, "unsupported_media_type"),
+        "gif labelled as jpeg": ({"content": gif, "headers": {**AUTH, "content-type": "image/jpeg"}},
+                                 415, "unsupported_image"),
+        "decompression bomb": ({"content": png_bomb(), "headers": {**AUTH, "content-type": "image/png"}},
+                               413, "image_too_large"),
+        "body over the byte limit": ({"content": big, "headers": {**AUTH, "content-type": "image/jpeg"}},
+                                     413, "payload_too_large"),
+        "chunked body over the byte limit": ({"content": iter([big[:100_000], big[100_000:]]),
+                                              "headers": {**AUTH, "content-type": "image/jpeg"}},
+                                             413, "payload_too_large"),
+        "wrong content type": ({"content": jpeg, "headers": {**AUTH, "content-type": "application/json"}},
+                               415, "unsupported_media_type"),
+        "no content type": ({"content": jpeg, "headers": AUTH}, 415, "unsupported_media_type"),
+        "multipart without files": ({"data": {"note": "no image here"}, "files": [("other", ("a.jpg", jpeg))],
+                                     "headers": AUTH}, 400, "no_files"),
+        "multipart files as text field": ({"data": {"files": "not a file"}, "files": [("x", ("a.jpg", jpeg))],
+                                           "headers": AUTH}, 400, "bad_multipart"),
+        "multipart with too many files": ({"files": [one] * (LIMITS["max_files"] + 1), "headers": AUTH},
+                                          400, "too_many_files"),
+        "multipart file over the byte limit": ({"files": [one, ("files", ("big.jpg", big, "image/jpeg"))],
+                                                "headers": AUTH}, 413, "payload_too_large"),
+        "multipart file of a wrong type": ({"files": [("files", ("a.txt", b"text", "text/plain"))], "headers": AUTH},
+                                           415, "unsupported_media_type"),
+        "multipart with one corrupt file": ({"files": [one, ("files", ("bad.jpg", jpeg[:50], "image/jpeg"))],
+                                             "headers": AUTH}, 400, "corrupt_image"),
+        "malformed multipart": ({"content": b"--nope\r\n\r\n", "headers": {
+            **AUTH, "content-type": "multipart/form-data; boundary=xyz"}}, 400, "bad_multipart"),
+        "missing token": ({"content": jpeg, "headers": {"content-type": "image/jpeg"}}, 401, "unauthorized"),
+        "wrong token": ({"content": jpeg, "headers": {"content-type": "image/jpeg", "Authorization": "Bearer nope"}},
+                        401, "unauthorized"),
+        "token without bearer scheme": ({"content": jpeg, "headers": {"content-type": "image/jpeg",
+                                                                      "Authorization": TOKEN}}, 401, "unauthorized"),
+    }
+
+
+BAD_CASES = list(_bad_requests(b"\xff\xd8\xff", b"GIF89a"))
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_gets_a_json_error_and_the_replica_keeps_serving(api: dict[str, Any], jpeg: bytes,
+                                                                  insect_images: list, case: str) -> None:
+    request, status, code = _bad_requests(jpeg, animated_gif(insect_images[0][1]))[case]
+    error = assert_error(api["client"].post("/v1/classify", **request), status, code)
+    if case == "multipart with one corrupt file":
+        assert "files[1] (bad.jpg)" in error["message"]  # the client learns which file was bad
+    if status == 401:
+        response = api["client"].post("/v1/classify", **request)
+        assert response.headers["www-authenticate"].startswith("Bearer")
+    assert_still_serving(api, jpeg)
+
+
+def test_auth_covers_every_v1_route_but_not_health_or_docs(api: dict[str, Any]) -> None:
+    client = api["client"]
+    for path in ("/v1/model", "/v1/taxonomy"):
+        assert_error(client.get(path), 401, "unauthorized")
+        assert client.get(path, headers=AUTH).status_code == 200
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_unknown_routes_and_methods_answer_json(api: dict[str, Any]) -> None:
+    assert_error(api["client"].get("/v2/classify"), 404, "not_found")
+    assert_error(api["client"].get("/v1/classify", headers=AUTH), 405, "method_not_allowed")
+
+
+# ---------------------------------------------------------------------------------------------------- read-only routes
+def test_model_taxonomy_and_health(api: dict[str, Any], reference: Predictor, checkpoint: Path) -> None:
+    client = api["client"]
+    model = client.get("/v1/model", headers=AUTH).json()
+    assert model["name"] == reference.name and model["version"] == reference.version
+    assert model["checkpoint"] == str(checkpoint)
+    assert model["transform"] == reference.transform.to_dict()
+    assert model["max_batch_size"] == 4 and model["batch_wait_timeout_s"] == pytest.approx(0.02)
+    assert model["rollout_error"] is None and model["thresholds"] is True
+    taxonomy = client.get("/v1/taxonomy", headers=AUTH).json()
+    assert Taxonomy.from_dict({"ranks": taxonomy["ranks"], "tree": taxonomy["tree"]}) == reference.taxonomy
+    assert taxonomy["classes"]["species"] == list(reference.taxonomy.names[2])
+    health = client.get("/healthz").json()
+    assert health == {"status": "ok", "model": {"name": reference.name, "version": reference.version}}
+
+
+def test_openapi_documents_the_contract(api: dict[str, Any]) -> None:
+    spec = api["client"].get("/openapi.json").json()
+    classify_op = spec["paths"]["/v1/classify"]["post"]
+    assert set(classify_op["requestBody"]["content"]) == {"image/jpeg", "image/png", "image/webp",
+                                                          "multipart/form-data"}
+    assert {"200", "400", "401", "413", "415"} <= set(classify_op["responses"])
+    assert {"/v1/taxonomy", "/v1/model", "/healthz"} <= set(spec["paths"])
+    docs = api["client"].get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+# ---------------------------------------------------------------------------------------------------- load
+def test_bounded_load_scales_up_without_errors_or_restarts(api: dict[str, Any], jpeg: bytes,
+                                                           insect_images: list) -> None:
+    """Eight loopback clients mix good and bad requests for at most 45 s; the classifier must go 1 → 2 replicas."""
+    from ray import serve
+
+    good = [encode(image) for _, image in insect_images]
+    bad = [(b"", "image/jpeg", 400), (jpeg[:200], "image/jpeg", 400), (png_bomb(), "image/png", 413),
+           (b"text", "text/plain", 415)]
+    statuses: Counter[int] = Counter()
+    unexpected: list[str] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client_loop(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=api["url"], timeout=30) as client:
+            while not stop.is_set():
+                if rng.random() < 0.25:
+                    body, content_type, want = rng.choice(bad)
+                else:
+                    body, content_type, want = rng.choice(good), "image/jpeg", 200
+                try:
+                    status = classify(client, body, content_type).status_code
+                except httpx.HTTPError as exc:
+                    status, want = -1, f"{type(exc).__name__}: {exc}"
+                with lock:
+                    statuses[status] += 1
+                    if status != want:
+                        unexpected.append(f"{status} instead of {want}")
+
+    threads = [threading.Thread(target=client_loop, args=(seed,), daemon=True) for seed in range(8)]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+
+    def scaled_up() -> bool:
+        deployment = serve.status().applications[APP].deployments["TaxonetClassifier"]
+        return deployment.replica_states.get("RUNNING", 0) >= 2
+
+    try:
+        scaled = wait_for(scaled_up, timeout=40, what="the classifier to scale to 2 running replicas")
+        time.sleep(2)  # keep the load on the new replica for a moment
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=35)
+    elapsed = time.monotonic() - start
+    assert scaled and elapsed < 60
+    assert not unexpected, f"{len(unexpected)} unexpected answers, e.g. {unexpected[:5]}; all: {dict(statuses)}"
+    assert not any(status >= 500 for status in statuses), dict(statuses)
+    assert statuses[200] >= 20, dict(statuses)
+    for deployment, names in api["replicas"].items():  # the replicas it started with all survived
+        assert names <= replica_names(APP, deployment), f"{deployment} replica restarted"
+    assert len(replica_names(APP, "TaxonetClassifier")) == 2
+    status = serve.status().applications[APP]
+    assert all(d.status == "HEALTHY" for d in status.deployments.values()), status

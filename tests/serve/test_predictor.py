@@ -1,0 +1,134 @@
+"""The plain-PyTorch predictor (no Ray): preprocessing from the checkpoint, answers, bad images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from taxonet.data.transforms import ImageDecodeError, build_eval_transform, decode_image
+from taxonet.predictor import SERVED_FORMATS, Predictor, Preprocessor, sniff_format
+from .helpers import animated_gif, check_answer, encode, odd_images, png_bomb, variant
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint: Path) -> Predictor:
+    return Predictor.from_checkpoint(str(checkpoint), device="auto", top_k=3)
+
+
+def test_answers_are_consistent_with_the_taxonomy(predictor: Predictor, insect_images: list) -> None:
+    images = [encode(image) for _, image in insect_images]
+    answers = predictor.predict_bytes(images, batch_size=4)
+    assert len(answers) == len(images)
+    for answer in answers:
+        check_answer(answer, predictor.taxonomy, top_k=3)
+    # a trained model, not noise: most synthetic insects get the right order (9 species, 4 orders)
+    right = sum(a["ranks"]["order"]["label"] == labels[0] for a, (labels, _) in zip(answers, insect_images))
+    assert right >= len(images) // 2, [a["ranks"]["order"]["label"] for a in answers]
+
+
+def test_batching_and_threads_do_not_change_answers(predictor: Predictor, insect_images: list) -> None:
+    images = [encode(image) for _, image in insect_images]
+    one_by_one = [predictor.predict_bytes([image])[0] for image in images]
+    batched = predictor.predict_bytes(images, batch_size=5, decode_threads=2)
+    for a, b in zip(one_by_one, batched):
+        for rank in predictor.taxonomy.ranks:
+            assert a["ranks"][rank]["label"] == b["ranks"][rank]["label"]
+            assert a["ranks"][rank]["score"] == pytest.approx(b["ranks"][rank]["score"], rel=1e-4, abs=1e-4)
+        assert a["lowest_reliable_rank"] == b["lowest_reliable_rank"]
+
+
+def test_preprocessing_comes_from_the_checkpoint(predictor: Predictor, checkpoint: Path, tmp_path: Path,
+                                                 jpeg: bytes) -> None:
+    assert predictor.transform.input_size == 32
+    expected = build_eval_transform(predictor.transform)(decode_image(jpeg))
+    assert torch.allclose(predictor.preprocess(jpeg), expected, atol=1e-6)
+    other = Predictor.from_checkpoint(str(variant(checkpoint, tmp_path / "b", version="v-b", input_size=40)))
+    assert other.preprocess(jpeg).shape == (3, 40, 40)
+    assert other.version == "v-b"
+    check_answer(other.predict_bytes([jpeg])[0], other.taxonomy, top_k=3)
+
+
+def test_strict_thresholds_make_every_rank_unsure(checkpoint: Path, tmp_path: Path, jpeg: bytes) -> None:
+    strict = Predictor.from_checkpoint(str(variant(checkpoint, tmp_path / "s", version="s", strict_thresholds=True)))
+    answer = strict.predict_bytes([jpeg])[0]
+    assert not any(entry["reliable"] for entry in answer["ranks"].values())
+    assert answer["lowest_reliable_rank"] is None and answer["lowest_reliable_label"] is None
+    assert all(entry["confidence"] == pytest.approx(0.0, abs=1e-9) for entry in answer["ranks"].values())
+
+
+def test_top_k_is_capped_by_the_number_of_classes(checkpoint: Path, jpeg: bytes) -> None:
+    wide = Predictor.from_checkpoint(str(checkpoint), top_k=50)
+    answer = wide.predict_bytes([jpeg])[0]
+    for rank in wide.taxonomy.ranks:
+        top = answer["ranks"][rank]["top_k"]
+        assert len(top) == wide.taxonomy.num_classes(rank)
+        assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="top_k"):
+        Predictor.from_checkpoint(str(checkpoint), top_k=0)
+
+
+def test_odd_but_valid_images_are_accepted(predictor: Predictor, insect_images: list) -> None:
+    for name, (data, _) in odd_images(insect_images[2][1]).items():
+        answer = predictor.predict_bytes([data])[0]
+        check_answer(answer, predictor.taxonomy, top_k=3)
+
+
+@pytest.mark.parametrize("case, code", [
+    ("empty", "corrupt"), ("text", "corrupt"), ("truncated", "corrupt"), ("bomb", "too_large"),
+])
+def test_bad_images_raise_a_coded_error(predictor: Predictor, jpeg: bytes, case: str, code: str) -> None:
+    data = {"empty": b"", "text": b"hello, not an image", "truncated": jpeg[: len(jpeg) // 2],
+            "bomb": png_bomb()}[case]
+    with pytest.raises(ImageDecodeError) as info:
+        predictor.predict_bytes([jpeg, data])
+    assert info.value.code == code
+    assert info.value.message.startswith("image 1:")  # the position of the bad image in the request
+
+
+def test_served_formats_refuse_gif_even_when_mislabelled(checkpoint: Path, insect_images: list) -> None:
+    gif = animated_gif(insect_images[0][1])
+    assert sniff_format(gif) == "GIF"
+    preprocessor = Preprocessor(Predictor.from_checkpoint(str(checkpoint)).transform, allowed_formats=SERVED_FORMATS)
+    with pytest.raises(ImageDecodeError) as info:
+        preprocessor(gif)
+    assert info.value.code == "unsupported"
+    # without the restriction the decoder takes the first frame
+    assert Preprocessor(preprocessor.spec)(gif).shape == (3, 32, 32)
+
+
+def test_pixel_limit_is_checked_before_decoding(checkpoint: Path) -> None:
+    spec = Predictor.from_checkpoint(str(checkpoint)).transform
+    image = encode(Image.fromarray(np.zeros((300, 400, 3), dtype=np.uint8)), "JPEG")
+    with pytest.raises(ImageDecodeError) as info:
+        Preprocessor(spec, max_pixels=100_000)(image)
+    assert info.value.code == "too_large" and "400x300" in info.value.message
+    assert Preprocessor(spec, max_pixels=120_000)(image).shape == (3, 32, 32)
+
+
+def test_device_decode_path_matches_the_cpu_path_on_cpu(predictor: Predictor, insect_images: list) -> None:
+    """The nvjpeg path (decode_jpeg) runs on the CPU too; it must agree with PIL closely and keep the limits."""
+    images = [encode(image, quality=95) for _, image in insect_images[:4]]
+    on_device = predictor.preprocess_jpeg_on_device(images)
+    reference = torch.stack([predictor.preprocess(data) for data in images])
+    assert on_device.shape == reference.shape
+    assert (on_device - reference).abs().mean() < 0.05  # different resize kernels, same picture
+    png = encode(insect_images[0][1], "PNG")  # not a JPEG: goes through the CPU path, exactly
+    mixed = predictor.preprocess_jpeg_on_device([images[0], png])
+    assert torch.allclose(mixed[1], predictor.preprocess(png))
+    with pytest.raises(ImageDecodeError) as info:
+        predictor.preprocess_jpeg_on_device([images[0], images[0][:100]], first_index=10)
+    assert info.value.message.startswith("image 11:")
+
+
+def test_describe_names_the_model(predictor: Predictor, checkpoint: Path) -> None:
+    info = predictor.describe()
+    assert info["checkpoint"] == str(checkpoint)
+    assert info["name"] == "quick" and info["version"]
+    assert info["transform"]["input_size"] == 32 and info["thresholds"] is True
+    assert info["ranks"] == ["order", "family", "species"]

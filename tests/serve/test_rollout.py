@@ -1,0 +1,174 @@
+"""Rolling out a new checkpoint while clients keep sending requests: no request may fail.
+
+Two ways a model is replaced:
+
+* ``serve.run`` again with new arguments (what ``taxonet serve`` and scripts do) — Serve starts new replicas and
+  drains the old ones;
+* a Serve config whose only change is the classifier's ``user_config`` (what ``serve deploy`` and the RayService do)
+  — the running replicas load the new checkpoint in place (``reconfigure``), no replica is replaced.
+
+The new checkpoint also changes the input size (32 → 40 px), so the ingress must pick up the new preprocessing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .helpers import SMALL, deploy, replica_names, variant, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+class ClientLoop:
+    """Two loopback clients sending classify requests until stopped; records (status, model version) per answer."""
+
+    def __init__(self, url: str, image: bytes, clients: int = 2) -> None:
+        self.url, self.image = url, image
+        self.results: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post("/v1/classify", content=self.image,
+                                           headers={"content-type": "image/jpeg"})
+                    version = response.json()["model"]["version"] if response.status_code == 200 else response.text
+                    result = (response.status_code, version)
+                except httpx.HTTPError as exc:
+                    result = (-1, f"{type(exc).__name__}: {exc}")
+                with self._lock:
+                    self.results.append(result)
+
+    def __enter__(self) -> "ClientLoop":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=35)
+
+    def snapshot(self) -> list[tuple[int, str]]:
+        with self._lock:
+            return list(self.results)
+
+    def wait_for_version(self, version: str, timeout: float) -> None:
+        def seen() -> bool:
+            return any(v == version for _, v in self.snapshot()[-4:])
+
+        wait_for(seen, timeout, interval=0.2, what=f"answers from model version {version}")
+
+    def wait_for_answers(self, count: int, timeout: float = 30) -> None:
+        wait_for(lambda: len(self.snapshot()) >= count, timeout, interval=0.1, what=f"{count} answers")
+
+
+def assert_no_failures(results: list[tuple[int, str]], old: str, new: str) -> None:
+    failures = [r for r in results if r[0] != 200]
+    assert not failures, f"{len(failures)} of {len(results)} requests failed during the rollout: {failures[:5]}"
+    versions = [v for _, v in results]
+    assert old in versions and new in versions, set(versions)
+    assert versions[-1] == new
+
+
+def app_args(checkpoint: Path) -> dict[str, Any]:
+    return {"checkpoint": str(checkpoint), "max_batch_size": 4, "batch_wait_timeout_s": 0.005,
+            "ingress": SMALL, "classifier": SMALL}
+
+
+@pytest.fixture(scope="module")
+def versions(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rollout")
+    return {"rollout-v1": variant(checkpoint, root / "v1", version="rollout-v1"),
+            "rollout-v2": variant(checkpoint, root / "v2", version="rollout-v2", input_size=40)}
+
+
+@pytest.fixture()
+def cleanup() -> Iterator[Callable[[str], None]]:
+    from ray import serve
+
+    names: list[str] = []
+    yield names.append
+    for name in names:
+        serve.delete(name)
+
+
+def test_serve_run_again_replaces_the_model_without_failed_requests(serve_http: str, versions: dict[str, Path],
+                                                                    jpeg: bytes,
+                                                                    cleanup: Callable[[str], None]) -> None:
+    app, prefix = "taxonet-rollout-run", "/rollout-run"
+    cleanup(app)
+    deploy(app_args(versions["rollout-v1"]), name=app, route_prefix=prefix)
+    with ClientLoop(serve_http + prefix, jpeg) as loop:
+        loop.wait_for_answers(5)
+        deploy(app_args(versions["rollout-v2"]), name=app, route_prefix=prefix)  # returns once the new app runs
+        loop.wait_for_version("rollout-v2", timeout=30)
+        count = len(loop.snapshot())
+        loop.wait_for_answers(count + 5)
+    assert_no_failures(loop.snapshot(), "rollout-v1", "rollout-v2")
+    model = httpx.get(f"{serve_http}{prefix}/v1/model", timeout=30).json()
+    assert model["version"] == "rollout-v2" and model["checkpoint"] == str(versions["rollout-v2"])
+    assert model["transform"]["input_size"] == 40
+
+
+def test_user_config_rolls_out_in_place_without_failed_requests(serve_http: str, versions: dict[str, Path],
+                                                                jpeg: bytes, tmp_path: Path,
+                                                                cleanup: Callable[[str], None]) -> None:
+    """The ``serve deploy`` path: a config that only changes the classifier's user_config reconfigures live replicas.
+
+    Then a broken checkpoint is rolled out the same way: it is refused, reported, and the running model stays.
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app, prefix = "taxonet-rollout-config", "/rollout-config"
+    cleanup(app)
+    client = _get_global_client()
+
+    def config(classifier_user_config: dict[str, Any] | None) -> ServeDeploySchema:
+        application: dict[str, Any] = {"name": app, "route_prefix": prefix,
+                                       "import_path": "taxonet.serve.app:app_builder",
+                                       "args": app_args(versions["rollout-v1"])}
+        if classifier_user_config is not None:
+            application["deployments"] = [{"name": "TaxonetClassifier", "user_config": classifier_user_config}]
+        return ServeDeploySchema.model_validate({"applications": [application]})
+
+    client.deploy_apps(config(None), _blocking=True)
+    before = {d: replica_names(app, d) for d in ("TaxonetIngress", "TaxonetClassifier")}
+    with ClientLoop(serve_http + prefix, jpeg) as loop:
+        loop.wait_for_answers(5)
+        assert {v for _, v in loop.snapshot()} == {"rollout-v1"}
+        client.deploy_apps(config({"checkpoint": str(versions["rollout-v2"]), "max_batch_size": 8}))
+        loop.wait_for_version("rollout-v2", timeout=30)
+        count = len(loop.snapshot())
+        loop.wait_for_answers(count + 5)
+    assert_no_failures(loop.snapshot(), "rollout-v1", "rollout-v2")
+    after = {d: replica_names(app, d) for d in before}
+    assert after == before, "a user_config change must not replace replicas"
+    model = httpx.get(f"{serve_http}{prefix}/v1/model", timeout=30).json()
+    assert model["version"] == "rollout-v2" and model["transform"]["input_size"] == 40
+    assert model["max_batch_size"] == 8 and model["rollout_error"] is None
+
+    broken = variant(versions["rollout-v1"], tmp_path / "broken", version="broken")
+    (broken / "model.pt").write_bytes(b"truncated")  # no longer matches checkpoint.json: refused on load
+    client.deploy_apps(config({"checkpoint": str(broken)}))
+
+    def reported() -> dict[str, Any] | None:
+        info = httpx.get(f"{serve_http}{prefix}/v1/model", timeout=30).json()
+        return info if info.get("rollout_error") else None
+
+    model = wait_for(reported, timeout=30, what="the failed rollout to be reported")
+    assert model["version"] == "rollout-v2" and "does not match" in model["rollout_error"]
+    response = httpx.post(f"{serve_http}{prefix}/v1/classify", content=jpeg, headers={"content-type": "image/jpeg"},
+                          timeout=30)
+    assert response.status_code == 200 and response.json()["model"]["version"] == "rollout-v2"
+    assert {d: replica_names(app, d) for d in before} == before  # nothing was taken down

@@ -1,0 +1,114 @@
+"""Run config: every packaged config loads, overrides apply, unknown keys and bad types are rejected."""
+
+from __future__ import annotations
+
+import pytest
+
+from taxonet.config import ConfigError, RunConfig, available_configs, from_dict, load_config
+
+pytestmark = pytest.mark.unit
+
+PAPER_CONFIGS = ("resnet50_mtl", "effnetb3_mtl", "resnet50_species", "effnetb3_species")
+
+
+def test_the_packaged_configs_are_all_listed() -> None:
+    names = available_configs()
+    for name in ("demo", *PAPER_CONFIGS):
+        assert name in names
+    assert "serve" not in names and not any(n.startswith("taxonomy") for n in names)
+
+
+@pytest.mark.parametrize("name", available_configs())
+def test_each_packaged_config_loads_and_round_trips(name: str) -> None:
+    config = load_config(name)
+    assert isinstance(config, RunConfig)
+    assert config.name == name
+    assert from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_follow_method_md(name: str) -> None:
+    config = load_config(name)
+    assert config.model.backbone == ("resnet50" if name.startswith("resnet50") else "efficientnet_b3")
+    assert config.model.single_task == name.endswith("_species")
+    assert (config.model.dropout, config.model.hidden) == (0.5, 512)
+    assert (config.optim.name, config.optim.lr, config.optim.weight_decay) == ("adam", 1e-4, 0.0)
+    assert (config.optim.epochs, config.optim.batch_size, config.data.input_size) == (20, 20, 128)
+    assert (config.loss.alpha, config.loss.dependency, config.anomaly.k) == (0.5, "paper", 2.0)
+
+
+def test_the_demo_config_is_cpu_sized() -> None:
+    config = load_config("demo")
+    assert config.model.weights is None and not config.train.use_gpu
+    assert config.data.input_size <= 64
+
+
+def test_overrides_from_strings_and_dicts() -> None:
+    config = load_config("demo", ["optim.epochs=3", "model.weights=null", "loss.dependency=soft", "optim.lr=0.01",
+                                  "data.mean=[0.5, 0.5, 0.5]", "train.run_name=x=y"])
+    assert config.optim.epochs == 3
+    assert config.model.weights is None
+    assert config.loss.dependency == "soft"
+    assert config.optim.lr == 0.01
+    assert config.data.mean == (0.5, 0.5, 0.5)
+    assert config.train.run_name == "x=y"  # only the first '=' separates key and value
+    again = load_config("demo").with_overrides({"anomaly.k": 2.5, "model.single_task": True})
+    assert again.anomaly.k == 2.5 and again.model.single_task
+    assert load_config("demo").optim.epochs != 3  # the packaged file is untouched
+
+
+def test_config_from_a_path(tmp_path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nmodel: {backbone: resnet18, weights: null}\noptim: {epochs: 2}\n")
+    config = load_config(path)
+    assert (config.name, config.model.backbone, config.optim.epochs) == ("mine", "resnet18", 2)
+    assert config.optim.lr == RunConfig().optim.lr  # unspecified keys keep their defaults
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.nope=1"], r"unknown config key 'optim.nope'"),
+        (["nosection.key=1"], r"unknown config section 'nosection'"),
+        (["epochs"], r"must look like section.key=value"),
+        (["optim.epochs=abc"], r"optim.epochs must be an integer, got 'abc'"),
+        (["optim.epochs=2.5"], r"optim.epochs must be an integer"),
+        (["optim.epochs=0"], r"optim.epochs must be >= 1"),
+        (["optim.lr=fast"], r"optim.lr must be a number"),
+        (["train.use_gpu=3"], r"train.use_gpu must be true/false"),
+        (["optim.epochs=null"], r"optim.epochs may not be null"),
+        (["data.mean=0.5"], r"data.mean must be a list"),
+        (["loss.dependency=bogus"], r"loss.dependency must be paper, soft or none"),
+        (["loss.alpha=1.5"], r"loss.alpha must be in \[0, 1\]"),
+        (["optim.name=rmsprop"], r"optim.name must be adam, adamw or sgd"),
+        (["model.dropout=1.0"], r"model.dropout must be in \[0, 1\)"),
+        (["optim.epochs=[1"], r"not valid YAML"),
+    ],
+)
+def test_bad_overrides_are_rejected_with_the_key_named(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", overrides)
+
+
+def test_unknown_keys_in_a_file_are_rejected(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\noptim: {epochs: 2, learning_rate: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\] in optim"):
+        load_config(path)
+    path.write_text("name: bad\ntraining: {epochs: 2}\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['training'\] in config"):
+        load_config(path)
+    path.write_text("name: bad\noptim: 3\n")
+    with pytest.raises(ConfigError, match=r"optim must be a mapping"):
+        load_config(path)
+
+
+def test_unknown_config_name_lists_the_packaged_ones() -> None:
+    with pytest.raises(ConfigError, match=r"no config named 'resnet1000'.*demo"):
+        load_config("resnet1000")
+
+
+def test_configs_are_frozen() -> None:
+    config = load_config("demo")
+    with pytest.raises(AttributeError):
+        config.optim.epochs = 5  # type: ignore[misc]
