@@ -10,6 +10,8 @@ import socket
 import uuid
 from collections.abc import Iterator
 
+import logging
+
 import pytest
 
 # Must be set before Ray starts anywhere in the test session (ENVIRONMENT.md: loopback only, CLIs without token).
@@ -18,6 +20,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# moto's server logs every request at INFO; failures should show the test's own output instead.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 S3_ACCESS_KEY = "taxonet-test-key"
 S3_SECRET_KEY = "taxonet-test-secret"
@@ -73,8 +78,11 @@ def s3_bucket(s3_server: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """A real local Ray with 2 CPUs for the whole session (shared by Train, Data and Serve tests)."""
+def ray_local(s3_server: str) -> Iterator[None]:
+    """A real local Ray with 2 CPUs for the whole session (shared by Train, Data and Serve tests).
+
+    Started after the S3 server so Ray's workers inherit the AWS_* variables, as pods inherit a mounted Secret.
+    """
     import ray
 
     if not ray.is_initialized():

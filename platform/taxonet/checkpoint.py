@@ -263,7 +263,7 @@ def publish_checkpoint(local_dir: str | Path, uri: str) -> str:
     if not storage.is_s3(uri):
         copy_checkpoint(local_dir, Path(uri.removeprefix("file://")))
         return uri
-    storage.delete(storage.join(uri, MANIFEST))
+    storage.delete_files([storage.join(uri, MANIFEST)])
     for file in sorted(local_dir.iterdir()):
         if file.is_file() and file.name != MANIFEST:
             storage.write_bytes(storage.join(uri, file.name), file.read_bytes())

@@ -177,7 +177,8 @@ class EvaluationReport:
                   f"{self.images} images", f"- heads: {', '.join(self.head_ranks)} (ranks: {', '.join(self.ranks)})"]
         lines.append(f"- anomaly thresholds: τ = μ − {self.threshold_k:g}·σ per (rank, class)" if self.threshold_k
                      is not None else "- anomaly thresholds: none in this checkpoint (no reliability analysis)")
-        lines += ["", "## Per-rank metrics (Table 4 shape: macro precision, recall, F1)", "", self.table4_markdown(), ""]
+        lines += ["", "## Per-rank metrics (Table 4 shape: macro precision, recall, F1)", "", self.table4_markdown(),
+                  ""]
         rows = []
         for rank in self.ranks:
             derived = rank not in self.rank_metrics
@@ -507,9 +508,12 @@ def plot_curves(history: Sequence[Mapping[str, Any]], ranks: Sequence[str], path
     f1_axes.set_title("validation macro F1 per rank")
     if f1_axes.get_legend_handles_labels()[0]:
         f1_axes.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
     for axes in (loss_axes, f1_axes):
         axes.grid(alpha=0.3)
-        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.set_xlim(min(x) - 0.5, max(x) + 0.5)  # whole epochs only, also for a one-epoch run
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if title:
         figure.suptitle(title)
     figure.tight_layout()

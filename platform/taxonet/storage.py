@@ -291,7 +291,8 @@ def _error_code(exc: BaseException) -> tuple[str | None, str]:
     lowered = text.lower()
     if "invalidaccesskeyid" in lowered or "signaturedoesnotmatch" in lowered or "invalid_access_key" in lowered:
         return "InvalidAccessKeyId", text
-    if "nosuchbucket" in lowered or "no_such_bucket" in lowered or ("bucket" in lowered and "does not exist" in lowered):
+    if "nosuchbucket" in lowered or "no_such_bucket" in lowered or \
+            ("bucket" in lowered and "does not exist" in lowered):
         return "NoSuchBucket", text
     if "access_denied" in lowered or "accessdenied" in lowered or "forbidden" in lowered:
         return "AccessDenied", text

@@ -181,6 +181,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)  # per-core numbers: one thread everywhere
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     scratch = Path(tempfile.mkdtemp(prefix="taxonet-bench-data-"))
     try:
         source = scratch / "source"
@@ -240,12 +241,13 @@ def main() -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     command = "python tests/bench/bench_data.py " + " ".join(sys.argv[1:])
     lines = [
         HEADING,
         "",
         f"- command: `{command.strip()}`",
-        f"- machine: {machine()}",
+        f"- machine: {machine()}; load average {load_before:.1f} at the start, {load_after:.1f} at the end",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- data: {args.images} JPEGs of {args.source_size[0]}×{args.source_size[1]} → prepared with max side "
         f"{args.max_side} → decoded and transformed to {args.input_size} px; batch {args.batch}; one torch thread; "

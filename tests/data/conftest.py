@@ -12,7 +12,8 @@ from PIL import Image
 from taxonet.taxonomy import Taxonomy
 
 
-def jpeg_bytes(colour: tuple[int, int, int] = (200, 40, 40), size: tuple[int, int] = (32, 24), fmt: str = "JPEG") -> bytes:
+def jpeg_bytes(colour: tuple[int, int, int] = (200, 40, 40), size: tuple[int, int] = (32, 24),
+               fmt: str = "JPEG") -> bytes:
     """A small solid-colour image with a diagonal line (so two colours never give the same bytes)."""
     image = Image.new("RGB", size, colour)
     for i in range(min(size)):

@@ -1,4 +1,5 @@
-"""pipeline: the plain pyarrow reader (sharding, shuffling) and the Collator (decode, transform, labels, bad records)."""
+"""pipeline: the plain pyarrow reader (sharding, shuffling) and the Collator (decode, transforms, labels, bad
+records)."""
 
 from __future__ import annotations
 

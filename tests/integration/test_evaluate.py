@@ -345,3 +345,21 @@ def test_any_rank_names_and_depth_and_single_task_models(tmp_path: Path) -> None
     text = files["report"].read_text(encoding="utf-8")
     assert "genus (derived from the taxonomy)" in text and "no anomaly thresholds" in text
     assert not math.isnan(report.consistency) and report.consistency == 1.0
+
+
+def test_checkpoint_dataset_and_report_on_s3(setup: dict, report, s3_bucket: str) -> None:
+    """The same evaluation with everything on S3 (moto's server over HTTP) gives the same numbers."""
+    from taxonet import storage
+    from taxonet.checkpoint import publish_checkpoint
+    from taxonet.experiment import evaluate_to_uri
+
+    base = f"s3://{s3_bucket}"
+    publish_checkpoint(setup["checkpoint"], f"{base}/runs/quick/best")
+    storage.upload_dir(setup["known"], f"{base}/data/known")
+    summary = evaluate_to_uri(f"{base}/runs/quick/best", f"{base}/data/known", "test", f"{base}/reports/quick")
+    written = {uri.rsplit("/", 1)[-1] for uri in storage.list_files(f"{base}/reports/quick")}
+    assert {"report.md", "metrics.json", "curves.png", "confusion_order.png", "confusion_species.png"} <= written
+    for rank, values in report.rank_metrics.items():
+        assert summary["rank_metrics"][rank]["f1"] == pytest.approx(values["f1"])
+    assert json.loads(storage.read_bytes(f"{base}/reports/quick/metrics.json"))["checkpoint"] == \
+        f"{base}/runs/quick/best"

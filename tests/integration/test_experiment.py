@@ -60,7 +60,8 @@ def test_two_seeds_of_mtl_and_baseline_give_table4_next_to_the_runs(ray_local, d
         assert Path(run.best_checkpoint) == storage / run.name / "best"
         heads = load_checkpoint(run.best_checkpoint).model.ranks
         assert heads == (("species",) if run.variant == "baseline" else ("order", "family", "species"))
-        assert (Path(run.report_uri) / "report.md").is_file() and (Path(run.report_uri) / "confusion_species.png").is_file()
+        report_dir = Path(run.report_uri)
+        assert (report_dir / "report.md").is_file() and (report_dir / "confusion_species.png").is_file()
 
     # mean ± SD recomputed from each run's own evaluation report
     per_run = {run.name: json.loads((Path(run.report_uri) / "metrics.json").read_text())["rank_metrics"]

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from k8s_support import CHART_DIR, OVERLAYS, REPO_ROOT, SCHEMAS_DIR, HelmRenderer, kustomize_build, pinned_ray_version
+
+# k8s_support/k8s_checks sit beside this file; make them importable under any pytest import mode
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from k8s_support import (  # noqa: E402
+    CHART_DIR, OVERLAYS, REPO_ROOT, SCHEMAS_DIR, HelmRenderer, kustomize_build, pinned_ray_version)
 
 
 @pytest.fixture(scope="session")

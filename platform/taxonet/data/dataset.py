@@ -38,7 +38,8 @@ def rank_columns(taxonomy: Taxonomy) -> list[str]:
     """The rank columns of a shard (the taxonomy's rank names), refusing names that clash with fixed columns."""
     clash = sorted(set(taxonomy.ranks) & set(FIXED_COLUMNS))
     if clash:
-        raise DatasetError(f"rank name(s) {clash} clash with the dataset columns {list(FIXED_COLUMNS)}; rename the ranks")
+        raise DatasetError(f"rank name(s) {clash} clash with the dataset columns {list(FIXED_COLUMNS)}; "
+                           f"rename the ranks")
     return list(taxonomy.ranks)
 
 
@@ -163,7 +164,8 @@ class DatasetInfo:
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, (TaxonomyError, DatasetError)):
                 raise DatasetError(f"{uri}/{DATASET_JSON}: {exc}") from None
-            raise DatasetError(f"{uri}/{DATASET_JSON} is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+            raise DatasetError(f"{uri}/{DATASET_JSON} is incomplete or malformed "
+                               f"({type(exc).__name__}: {exc})") from None
         rank_columns(taxonomy)
         known = {"schema_version", "taxonomy", "shards", "counts", "report"}
         return cls(uri=uri, taxonomy=taxonomy, shards=shards, counts=counts, report=dict(data.get("report", {})),
@@ -230,7 +232,8 @@ class DatasetInfo:
                         problems.append(f"{shard.path}: missing columns {missing}")
                         continue
                     if parquet.metadata.num_rows != shard.rows:
-                        problems.append(f"{shard.path}: {parquet.metadata.num_rows} rows, dataset.json says {shard.rows}")
+                        problems.append(f"{shard.path}: {parquet.metadata.num_rows} rows, "
+                                        f"dataset.json says {shard.rows}")
                     table = parquet.read(columns=[*ranks, "split"])
             except FileNotFoundError:
                 problems.append(f"{shard.path}: missing")
@@ -288,7 +291,8 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     widths = [max([len(str(h)), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        padded = (c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
 
     return "\n".join([line([str(h) for h in headers]), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 

@@ -58,8 +58,8 @@ def _storage_for_ray(uri: str) -> tuple[str, Any]:
     return local, None
 
 
-def _maybe_inject_failure(epoch: int) -> None:
-    spec = os.environ.get(FAIL_ONCE_ENV)
+def _maybe_inject_failure(epoch: int, spec: str | None) -> None:
+    spec = spec or os.environ.get(FAIL_ONCE_ENV)
     if not spec:
         return
     at, marker = spec.split(":", 1)
@@ -132,7 +132,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, config.optim.epochs):
         if rank == 0:
-            _maybe_inject_failure(epoch)
+            _maybe_inject_failure(epoch, loop_config.get("fail_once"))
         metrics = engine.train_one_epoch(model, batches("train", train_collate, epoch), loss_fn, optimizer, device,
                                          taxonomy, amp=config.train.amp, channels_last=config.train.channels_last,
                                          max_steps=config.train.max_steps_per_epoch)
@@ -210,10 +210,11 @@ def fit_and_publish_thresholds(config_dict: dict[str, Any], checkpoint_uri: str,
     return {"thresholds": len(thresholds.rows)}
 
 
-def run_training(config: Any, *, taxonomy: Any | None = None) -> TrainingResult:
+def run_training(config: Any, *, taxonomy: Any | None = None, fail_once: str | None = None) -> TrainingResult:
     """Train ``config`` with Ray Train on the connected Ray cluster (``ray.init`` must have been called).
 
     A rerun with the same ``train.run_name`` and ``train.storage`` resumes from the latest checkpoint.
+    ``fail_once="EPOCH:MARKER_FILE"`` injects one worker crash (fault-tolerance drills and tests).
     """
     import ray
     import ray.train
@@ -238,7 +239,7 @@ def run_training(config: Any, *, taxonomy: Any | None = None) -> TrainingResult:
         resources["GPU"] = config.train.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "taxonomy": taxonomy.to_dict()},
+        train_loop_config={"config": config.to_dict(), "taxonomy": taxonomy.to_dict(), "fail_once": fail_once},
         scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
