@@ -86,7 +86,9 @@ def ray_local(s3_server: str) -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        # address="local": always a fresh local instance, never a cluster someone started with `ray start`
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -181,13 +182,16 @@ def _classify_remote(url: str, paths: list[Path], token: str | None) -> list[dic
 
     from taxonet.predictor import sniff_format
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one JSON line per image on stdout, no request log
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    types = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+    types = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp",
+             "TIFF": "image/tiff"}
     results = []
     with httpx.Client(base_url=url.rstrip("/"), timeout=60) as client:
         for path in paths:
             data = path.read_bytes()
-            content_type = types.get(sniff_format(data) or "", "application/octet-stream")
+            # unknown bytes go out as JPEG so the server says what is wrong with them (corrupt), not with the header
+            content_type = types.get(sniff_format(data) or "", "image/jpeg")
             response = client.post("/v1/classify", content=data, headers={**headers, "content-type": content_type})
             try:
                 body = response.json()

@@ -511,7 +511,7 @@ def build_dataset(items: Sequence[SourceItem], dst: str, taxonomy: Taxonomy, opt
     kept: list[int] = []  # item index of each spooled row
     kept_sha: list[str] = []
     spool_schema = pa.schema([("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32())])
-    workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
+    workers = options.workers if options.workers is not None else _available_cores()
     workers = min(workers, max(1, math.ceil(len(items) / _CHUNK)))
 
     with tempfile.TemporaryDirectory(prefix="taxonet-prepare-") as scratch:
@@ -617,6 +617,13 @@ def build_dataset(items: Sequence[SourceItem], dst: str, taxonomy: Taxonomy, opt
     logger.info("wrote %s: %d images in %d shards (%d skipped, %d duplicates) in %.1f s", dst, len(kept),
                 len(shards), len(skipped), len(duplicates), result.seconds)
     return result
+
+
+def _available_cores() -> int:
+    """Cores this process may run on (the affinity mask, which container CPU sets restrict), else the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def _check_destination(dst: str, options: PrepareOptions) -> None:
