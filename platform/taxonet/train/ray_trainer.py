@@ -230,8 +230,10 @@ def run_training(config: Any, *, taxonomy: Any | None = None, fail_once: str | N
         raise DatasetError("data.dataset is not set: give the prepared dataset URI (--set data.dataset=URI)")
     info = DatasetInfo.load(config.data.dataset)
     taxonomy = taxonomy or info.taxonomy
-    datasets = {"train": read_split(config.data.dataset, config.data.train_split),
-                "val": read_split(config.data.dataset, config.data.val_split)}
+    # Reading is light (decode happens in the workers' Collator): a fractional CPU per read task lets reads run even
+    # when the training workers hold every CPU of a node.
+    datasets = {"train": read_split(config.data.dataset, config.data.train_split, num_cpus=0.25),
+                "val": read_split(config.data.dataset, config.data.val_split, num_cpus=0.25)}
     storage_path, filesystem = _storage_for_ray(config.train.storage)
     run_uri = _join(config.train.storage, config.train.run_name)
     resources = {"CPU": config.train.cpus_per_worker}

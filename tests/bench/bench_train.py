@@ -1,0 +1,109 @@
+"""Ray Train throughput against the plain PyTorch loop on the same data, model and batch — one run, side by side.
+
+    .venv/bin/python tests/bench/bench_train.py [--epochs 3] [--per-species 120] [--size 48] [--backbone small_cnn]
+
+Measures (a) the plain loop (``iter_parquet_batches`` → ``Collator`` → ``engine.train_one_epoch``) in this process,
+(b) Ray Train with 1 worker, (c) Ray Train with 2 workers, all on one local Parquet dataset. Steady-state images/s
+come from each epoch after the first (warm-up); wall time includes Ray's start-up. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
+
+
+def plain_loop(config, taxonomy, epochs: int) -> tuple[list[float], float]:
+    import torch
+
+    from taxonet import engine
+    from taxonet.data.pipeline import Collator, iter_parquet_batches
+    from taxonet.data.transforms import TransformSpec
+    from taxonet.losses import HierarchicalLoss
+    from taxonet.models import build_model
+
+    torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
+    engine.set_seed(0)
+    model = build_model(config.model, taxonomy)
+    optimizer = engine.build_optimizer(model, config.optim)
+    loss_fn = HierarchicalLoss(taxonomy)
+    collate = Collator(taxonomy, TransformSpec.from_config(config.data), train=config.data.augment)
+    speeds = []
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        batches = (collate(b) for b in iter_parquet_batches(config.data.dataset, "train", config.optim.batch_size,
+                                                             shuffle=True, seed=epoch))
+        metrics = engine.train_one_epoch(model, batches, loss_fn, optimizer, torch.device("cpu"), taxonomy,
+                                         amp=False, channels_last=False)
+        speeds.append(metrics["images_per_s"])
+    return speeds, time.perf_counter() - start
+
+
+def ray_train(config, workers: int) -> tuple[list[float], float]:
+    from taxonet.train.ray_trainer import run_training
+
+    config = config.with_overrides({"train.num_workers": workers,
+                                    "train.cpus_per_worker": max(0.5, 2 / workers - 0.25),
+                                    "train.run_name": f"bench-{workers}w-{time.time_ns()}"})
+    start = time.perf_counter()
+    result = run_training(config)
+    return [h["images_per_s"] for h in result.history], time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--per-species", type=int, default=120)
+    parser.add_argument("--size", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--backbone", default="small_cnn")
+    args = parser.parse_args()
+
+    import ray
+
+    from taxonet.config import load_config
+    from taxonet.data.prepare import PrepareOptions, write_synthetic_dataset
+    from taxonet.taxonomy import Taxonomy
+
+    taxonomy = Taxonomy.demo()
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = str(Path(tmp) / "ds")
+        write_synthetic_dataset(dataset, taxonomy, per_species=args.per_species, image_size=args.size,
+                                options=PrepareOptions(workers=1, progress=False))
+        config = load_config("demo", {
+            "data.dataset": dataset, "data.input_size": args.size, "optim.epochs": args.epochs,
+            "optim.batch_size": args.batch, "model.backbone": args.backbone, "train.storage": str(Path(tmp) / "runs"),
+            "train.cpus_per_worker": 1, "train.max_failures": 0,
+        })
+        rows = []
+        plain, plain_wall = plain_loop(config, taxonomy, args.epochs)
+        rows.append(("plain PyTorch loop", plain, plain_wall))
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        try:
+            for workers in (1, 2):
+                speeds, wall = ray_train(config, workers)
+                rows.append((f"Ray Train, {workers} worker{'s' if workers > 1 else ''}", speeds, wall))
+        finally:
+            ray.shutdown()
+    base = statistics.mean(plain[1:] or plain)
+    one = statistics.mean(rows[1][1][1:] or rows[1][1])
+    print(f"\n{args.backbone}, {args.size} px, batch {args.batch}/worker, {args.per_species} img/species, "
+          f"{args.epochs} epochs, {os.cpu_count()} cores\n")
+    print("| setup | steady img/s (epochs 2+) | vs plain | vs Ray 1 worker | wall s (incl. start-up) |")
+    print("|---|---|---|---|---|")
+    for name, speeds, wall in rows:
+        steady = statistics.mean(speeds[1:] or speeds)
+        print(f"| {name} | {steady:.1f} | {steady / base:.2f} | {steady / one:.2f} | {wall:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
