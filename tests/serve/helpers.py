@@ -147,4 +147,5 @@ def check_answer(answer: dict[str, Any], taxonomy: Any, top_k: int) -> None:
     expected = max((lv for lv in range(taxonomy.depth)
                     if reliable[lv] and (lv == 0 or reliable[lv - 1]) and chain_ok(lv)), default=None)
     assert answer["lowest_reliable_rank"] == (None if expected is None else taxonomy.ranks[expected])
-    assert answer["lowest_reliable_label"] == (None if expected is None else answer["ranks"][taxonomy.ranks[expected]]["label"])
+    expected_label = None if expected is None else answer["ranks"][taxonomy.ranks[expected]]["label"]
+    assert answer["lowest_reliable_label"] == expected_label

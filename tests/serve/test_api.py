@@ -8,7 +8,11 @@ restart.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import re
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -225,6 +229,26 @@ def test_model_taxonomy_and_health(api: dict[str, Any], reference: Predictor, ch
     assert taxonomy["classes"]["species"] == list(reference.taxonomy.names[2])
     health = client.get("/healthz").json()
     assert health == {"status": "ok", "model": {"name": reference.name, "version": reference.version}}
+
+
+def test_documented_curl_examples_work(api: dict[str, Any], tmp_path: Path, insect_images: list) -> None:
+    """Every ``curl`` line of docs/api.md, run as written against this server."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", doc, flags=re.DOTALL)
+    assert block, "docs/api.md lost its bash example block"
+    commands = [line for line in block.group(1).splitlines() if line.startswith("curl ")]
+    assert len(commands) >= 5
+    (tmp_path / "insect.jpg").write_bytes(encode(insect_images[0][1]))
+    (tmp_path / "insect.png").write_bytes(encode(insect_images[1][1], "PNG"))
+    env = {**os.environ, "TAXONET_URL": api["url"], "TAXONET_API_TOKEN": TOKEN}
+    for command in commands:
+        result = subprocess.run(["bash", "-c", command + " -w '\\n%{http_code}'"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60)
+        body, _, status = result.stdout.rpartition("\n")
+        assert status == "200", (command, result.stdout, result.stderr)
+        answer = json.loads(body)
+        if "/v1/classify" in command:
+            assert len(answer["predictions"]) == max(1, command.count("files=@"))
 
 
 def test_openapi_documents_the_contract(api: dict[str, Any]) -> None:

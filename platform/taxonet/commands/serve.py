@@ -133,7 +133,7 @@ def _http_address(host: str, port: int) -> tuple[str, int]:
             print(f"taxonet: Serve was already running with HTTP on {config.host}:{config.port}; "
                   f"--host/--port do not apply", file=sys.stderr)
         return ("127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host), int(config.port)
-    except Exception:  # noqa: BLE001 - only used for the message
+    except Exception:  # only used for the message: any failure falls back to what was asked for
         return host, port
 
 

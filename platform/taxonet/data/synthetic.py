@@ -61,6 +61,14 @@ PATTERNS = (
     "bands", "stripes", "spots", "checks", "eyespot", "chevrons",
     "tip", "diagonal", "plain", "speckle", "cross", "margins",
 )
+# Patterns in one group look alike under rotation (e.g. bands and diagonal stripes); siblings get different groups
+# while there are enough, so that sibling species stay easy to tell apart.
+_PATTERN_GROUP = {
+    "bands": 0, "chevrons": 0, "diagonal": 0,
+    "stripes": 1, "margins": 1, "cross": 1,
+    "spots": 2, "speckle": 2, "eyespot": 2,
+    "tip": 3, "plain": 3, "checks": 3,
+}
 PLANS = ("beetle", "bee", "wasp", "moth")
 WINGS = ("none", "narrow", "round", "delta", "four", "folded")
 
@@ -114,6 +122,8 @@ def _too_close(trait: str, code: int, other: int) -> bool:
     """Whether two codes of ``trait`` would look alike: equal, or (colour) neighbouring hues of equal lightness."""
     if code == other:
         return True
+    if trait == "pattern":
+        return _PATTERN_GROUP[PATTERNS[code % len(PATTERNS)]] == _PATTERN_GROUP[PATTERNS[other % len(PATTERNS)]]
     if trait != "colour":
         return False
     kinds = _TRAIT_KINDS["colour"]
@@ -267,7 +277,13 @@ class SyntheticInsects:
         used_kinds = {c % kinds for c in used_by_level}
         sibling_codes = set(table.values())
         sibling_kinds = {c % kinds for c in sibling_codes}
+
+        def unlike_siblings(c: int) -> bool:
+            return not any(_too_close(trait, c, s) for s in sibling_codes)
+
         for acceptable in (
+            lambda c: c % kinds not in used_kinds and unlike_siblings(c),
+            unlike_siblings,
             lambda c: c % kinds not in used_kinds,
             lambda c: c % kinds not in sibling_kinds,
             lambda c: c not in sibling_codes,
@@ -574,7 +590,7 @@ def _draw(t: _Traits, image_size: int, rng: np.random.Generator) -> Image.Image:
 
     # Pose: rotate by any angle, scale, and move; PIL's AFFINE maps output pixels back to input pixels.
     angle = rng.uniform(0, 2 * math.pi)
-    scale = rng.uniform(0.65, 0.95)
+    scale = rng.uniform(0.75, 1.0)
     room = max(0.03, 0.5 - 0.4 * scale) * canvas
     shift_x, shift_y = rng.uniform(-room, room, size=2)
     cos, sin = math.cos(angle) / scale, math.sin(angle) / scale

@@ -178,7 +178,8 @@ _CLASSIFY_BODY = {
         "required": True,
         "description": "One image as the raw body, or several as multipart/form-data parts named `files`.",
         "content": {
-            **{t: {"schema": {"type": "string", "format": "binary"}} for t in ("image/jpeg", "image/png", "image/webp")},
+            **{media: {"schema": {"type": "string", "format": "binary"}}
+               for media in ("image/jpeg", "image/png", "image/webp")},
             "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
                 "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
         },
@@ -280,7 +281,8 @@ class TaxonetIngress:
             raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer TOKEN'",
                            headers={"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(token.strip().encode(), self._token.encode()):
-            raise ApiError(401, "unauthorized", "wrong token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            raise ApiError(401, "unauthorized", "wrong token",
+                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
     # ------------------------------------------------------------------ classify
     async def _classify(self, request: Request) -> dict[str, Any]:

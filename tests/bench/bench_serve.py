@@ -1,0 +1,199 @@
+"""Serving overhead on the CPU: HTTP throughput and latency through Ray Serve vs the in-process predictor.
+
+One run, one machine: builds (or takes) a checkpoint, measures the in-process :class:`taxonet.predictor.Predictor`
+on encoded JPEGs at ``--batch-size`` (decode + eval transform + batched forward + answers, one thread — what one
+replica does), then deploys ``taxonet.serve.app:app_builder`` on an embedded local Ray with the same
+``max_batch_size`` and drives ``POST /v1/classify`` from ``--concurrency`` loopback clients (one image per request,
+keep-alive connections), and measures the in-process baseline again. Prints img/s, p50/p99 latency per concurrency
+and the ratio to the baseline (target ≥ 0.8), as a Markdown table for docs/benchmarks.md.
+
+Usage:  .venv/bin/python tests/bench/bench_serve.py [--backbone resnet18 --size 128 --batch-size 8
+                                                     --concurrency 1,4,8,16 --seconds 15]
+
+The load generator runs on the same cores as Serve; on a small machine it takes a share of the CPU the server
+would otherwise have, so the ratio is a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
+
+
+def make_checkpoint(directory: Path, backbone: str, size: int) -> Path:
+    """A random-init multitask model with plausible anomaly thresholds: serving cost does not depend on training."""
+    import torch
+
+    from taxonet.checkpoint import save_checkpoint
+    from taxonet.config import load_config
+    from taxonet.data.transforms import TransformSpec
+    from taxonet.models import build_model
+    from taxonet.taxonomy import Taxonomy
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_predictor import random_thresholds
+
+    torch.manual_seed(0)
+    taxonomy = Taxonomy.demo()
+    config = load_config("demo", {"name": "bench", "model.backbone": backbone, "model.weights": None,
+                                  "data.input_size": size})
+    model = build_model(config.model, taxonomy)
+    return save_checkpoint(directory / "ckpt", model, taxonomy, config, TransformSpec.from_config(config.data),
+                           thresholds=random_thresholds(taxonomy), version="bench")
+
+
+def synthetic_jpegs(count: int, side: int) -> list[bytes]:
+    import io
+
+    from taxonet.data.synthetic import SyntheticInsects
+    from taxonet.taxonomy import Taxonomy
+
+    generator = SyntheticInsects(Taxonomy.demo(), image_size=side, seed=1)
+    out = []
+    for sample in generator.samples(max(1, count // 9 + 1)):
+        buffer = io.BytesIO()
+        sample.image.save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out[:count]
+
+
+def in_process(checkpoint: Path, jpegs: list[bytes], batch_size: int, seconds: float) -> float:
+    """img/s of the in-process predictor: bytes → answers, ``batch_size`` images per forward pass."""
+    from taxonet.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu")
+    predictor.predict_bytes(jpegs[:batch_size], batch_size=batch_size)  # warm-up
+    done, start, step = 0, time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        chunk = [jpegs[(step * batch_size + i) % len(jpegs)] for i in range(batch_size)]
+        predictor.predict_bytes(chunk, batch_size=batch_size)
+        done += batch_size
+        step += 1
+    return done / (time.perf_counter() - start)
+
+
+def http_load(port: int, path: str, jpegs: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
+    """``concurrency`` keep-alive clients posting one JPEG per request for ``seconds``; latencies of 200s only."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def client(seed: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine, bad, index = [], [], seed
+        while time.perf_counter() < deadline:
+            body = jpegs[index % len(jpegs)]
+            index += concurrency
+            start = time.perf_counter()
+            try:
+                connection.request("POST", path, body=body, headers={"content-type": "image/jpeg"})
+                response = connection.getresponse()
+                response.read()
+                if response.status == 200:
+                    mine.append(time.perf_counter() - start)
+                else:
+                    bad.append(str(response.status))
+            except (OSError, http.client.HTTPException) as exc:
+                bad.append(type(exc).__name__)
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+            errors.extend(bad)
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    return {"img_per_s": len(latencies) / elapsed, "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * float(np.percentile(latencies, 99)), "requests": len(latencies), "errors": errors}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="checkpoint to serve (default: a random-init model)")
+    parser.add_argument("--backbone", default="resnet18", help="for the default checkpoint (default: resnet18)")
+    parser.add_argument("--size", type=int, default=128, help="for the default checkpoint: input px (default: 128)")
+    parser.add_argument("--image-side", type=int, default=128, help="side of the JPEGs sent (default: 128)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from taxonet.serve.app import app_builder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp), args.backbone,
+                                                                                   args.size)
+        jpegs = synthetic_jpegs(64, args.image_side)
+        before = in_process(checkpoint, jpegs, args.batch_size, args.seconds)
+        print(f"in-process predictor, batch {args.batch_size}: {before:,.1f} img/s", flush=True)
+
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+        with socket.socket() as sock:  # a free loopback port for Serve's proxy
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # the classifier gets the machine's cores like the in-process run does; the ingress shares them
+        serve.run(app_builder({
+            "checkpoint": str(checkpoint), "device": "cpu", "max_batch_size": args.batch_size,
+            "batch_wait_timeout_s": 0.005,
+            "ingress": {"num_cpus": 0, "autoscaling": None, "num_replicas": 1},
+            "classifier": {"num_cpus": args.num_cpus, "autoscaling": None, "num_replicas": 1,
+                           "max_ongoing_requests": max(64, args.batch_size)},
+        }), name="bench", route_prefix="/")
+        http_load(port, "/v1/classify", jpegs, 4, 3.0)  # warm-up
+        rows = []
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            result = http_load(port, "/v1/classify", jpegs, concurrency, args.seconds)
+            rows.append((concurrency, result))
+            print(f"HTTP concurrency {concurrency:>3}: {result['img_per_s']:,.1f} img/s  p50 {result['p50_ms']:.1f} ms"
+                  f"  p99 {result['p99_ms']:.1f} ms  ({result['requests']} requests, "
+                  f"{len(result['errors'])} errors)", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+        after = in_process(checkpoint, jpegs, args.batch_size, args.seconds)
+        print(f"in-process predictor again: {after:,.1f} img/s", flush=True)
+
+    baseline = (before + after) / 2
+    best = max(result["img_per_s"] for _, result in rows)
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; load average "
+          f"{os.getloadavg()[0]:.1f}; {args.backbone} at {args.size} px, JPEGs of {args.image_side} px, "
+          f"batch {args.batch_size}")
+    print(f"in-process predictor: {baseline:,.1f} img/s (before {before:,.1f}, after {after:,.1f})\n")
+    print("| clients | HTTP img/s | p50 ms | p99 ms | errors | ratio to in-process |\n|---|---|---|---|---|---|")
+    for concurrency, result in rows:
+        print(f"| {concurrency} | {result['img_per_s']:,.1f} | {result['p50_ms']:.1f} | {result['p99_ms']:.1f} | "
+              f"{len(result['errors'])} | {result['img_per_s'] / baseline:.2f} |")
+    print(f"\nbest HTTP / in-process = {best / baseline:.2f} (target ≥ 0.8)")
+
+
+if __name__ == "__main__":
+    main()
