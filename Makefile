@@ -26,11 +26,11 @@ system-deps:
 demo: setup
 	$(VENV)/bin/taxonet demo
 
-# Two pytest processes: the end-to-end tests start their own `ray start --head` cluster (and `ray stop` it), which
+# Two pytest processes: tests/e2e starts its own `ray start --head` cluster (and `ray stop` it), which
 # must not meet the in-process Ray that the other tests share.
 test: setup system-deps
-	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
-	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+	$(PY) -m pytest --ignore=tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "unit or data" $(PYTEST_ARGS)

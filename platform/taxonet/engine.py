@@ -51,6 +51,18 @@ def build_optimizer(model: nn.Module, optim_config: Any) -> torch.optim.Optimize
                            weight_decay=optim_config.weight_decay)
 
 
+def learning_rate(optim_config: Any, epoch: int) -> float:
+    """The learning rate of ``epoch``: a pure function of the epoch, so a resumed run continues the same schedule."""
+    if optim_config.schedule == "cosine" and optim_config.epochs > 1:
+        return optim_config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / optim_config.epochs))
+    return optim_config.lr
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = value
+
+
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
     if amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -258,6 +270,7 @@ def fit(
     best_loss = math.inf
     history = []
     for epoch in range(config.optim.epochs):
+        set_learning_rate(optimizer, learning_rate(config.optim, epoch))
         metrics = train_one_epoch(model, train_batches(epoch), loss_fn, optimizer, device, taxonomy,
                                   amp=config.train.amp, channels_last=config.train.channels_last,
                                   max_steps=config.train.max_steps_per_epoch)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -231,23 +231,57 @@ class Predictor:
         """Decode (with the pixel limit) and apply the checkpoint's eval transform: float32 [3, S, S]."""
         return self.preprocessor(data)
 
-    @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
         """Model output for a preprocessed batch [N, 3, S, S]: {rank: float32 [N, C]} on the host."""
+        return self._collect(self._launch(batch))
+
+    @torch.inference_mode()
+    def _launch(self, batch: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
+        """Start the forward pass; on CUDA it runs asynchronously and the logits are copied back without blocking."""
         images = batch.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(self.device, self.amp):
             output = self.model(images)
-        return {rank: values.float().cpu().numpy() for rank, values in output.items()}
+        if self.device.type != "cuda":
+            return {rank: values.float() for rank, values in output.items()}, None
+        # non_blocking device→host copies land in pinned memory; the event says when they (and the forward) are done
+        host = {rank: values.float().to("cpu", non_blocking=True) for rank, values in output.items()}
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    @staticmethod
+    def _collect(launched: tuple[dict[str, torch.Tensor], Any]) -> dict[str, np.ndarray]:
+        host, done = launched
+        if done is not None:
+            done.synchronize()
+        return {rank: values.numpy() for rank, values in host.items()}
 
     def predict_tensors(self, batch: torch.Tensor) -> list[dict[str, Any]]:
         """Answers for a preprocessed batch [N, 3, S, S] (or one image [3, S, S])."""
+        return self.answers(self.logits(self._check_batch(batch)))
+
+    @staticmethod
+    def _check_batch(batch: torch.Tensor) -> torch.Tensor:
         if batch.ndim == 3:
             batch = batch.unsqueeze(0)
         if batch.ndim != 4 or batch.shape[0] == 0:
             raise ValueError(f"expected a batch [N, 3, H, W] with N ≥ 1, got shape {tuple(batch.shape)}")
-        return self.answers(self.logits(batch))
+        return batch
+
+    def predict_stream(self, batches: Iterable[torch.Tensor]) -> Iterator[list[dict[str, Any]]]:
+        """Answers batch by batch, pipelined: batch i+1 is fetched (decoded) and launched on the device before the
+        host builds batch i's answers, so on a GPU the CPU work overlaps the forward passes. Same answers as
+        :meth:`predict_tensors` on each batch."""
+        pending = None
+        for batch in batches:
+            launched = self._launch(self._check_batch(batch))
+            if pending is not None:
+                yield self.answers(self._collect(pending))
+            pending = launched
+        if pending is not None:
+            yield self.answers(self._collect(pending))
 
     def predict_bytes(self, images: Sequence[bytes], *, batch_size: int = 64, decode_threads: int = 0,
                       decode_on_device: bool = False) -> list[dict[str, Any]]:
@@ -255,21 +289,23 @@ class Predictor:
 
         ``decode_threads`` > 0 decodes on the CPU in a thread pool (PIL releases the GIL while decoding and
         resizing); ``decode_on_device`` decodes JPEGs on the GPU instead (:meth:`preprocess_jpeg_on_device`).
+        Decoding of the next batch overlaps the forward pass of the current one (:meth:`predict_stream`).
         """
-        out: list[dict[str, Any]] = []
         batch_size = max(1, int(batch_size))
         with contextlib.ExitStack() as stack:
             pool = stack.enter_context(ThreadPoolExecutor(decode_threads)) if decode_threads > 0 else None
-            for start in range(0, len(images), batch_size):
-                chunk = images[start:start + batch_size]
-                if decode_on_device:
-                    batch = self.preprocess_jpeg_on_device(chunk, first_index=start)
-                else:
-                    jobs = [(start + offset, data) for offset, data in enumerate(chunk)]
-                    mapper = pool.map if pool is not None else map
-                    batch = torch.stack(list(mapper(self._indexed_preprocess, jobs)))
-                out.extend(self.predict_tensors(batch))
-        return out
+
+            def batches() -> Iterator[torch.Tensor]:
+                for start in range(0, len(images), batch_size):
+                    chunk = images[start:start + batch_size]
+                    if decode_on_device:
+                        yield self.preprocess_jpeg_on_device(chunk, first_index=start)
+                    else:
+                        jobs = [(start + offset, data) for offset, data in enumerate(chunk)]
+                        mapper = pool.map if pool is not None else map
+                        yield torch.stack(list(mapper(self._indexed_preprocess, jobs)))
+
+            return [answer for answers in self.predict_stream(batches()) for answer in answers]
 
     def _indexed_preprocess(self, job: tuple[int, bytes]) -> torch.Tensor:
         index, data = job

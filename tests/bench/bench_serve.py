@@ -5,7 +5,9 @@ on encoded JPEGs at ``--batch-size`` (decode + eval transform + batched forward 
 replica does), then deploys ``taxonet.serve.app:app_builder`` on an embedded local Ray with the same
 ``max_batch_size`` and drives ``POST /v1/classify`` from ``--concurrency`` loopback clients (one image per request,
 keep-alive connections), and measures the in-process baseline again. Prints img/s, p50/p99 latency per concurrency
-and the ratio to the baseline (target ≥ 0.8), as a Markdown table for docs/benchmarks.md.
+and the ratio to the baseline (target ≥ 0.8), as a Markdown table for docs/benchmarks.md. For scale it also
+measures a no-op app with the same two hops (FastAPI ingress → batched deployment): Serve's own request rate on
+this machine, which bounds what any model can reach through HTTP.
 
 Usage:  .venv/bin/python tests/bench/bench_serve.py [--backbone resnet18 --size 128 --batch-size 8
                                                      --concurrency 1,4,8,16 --seconds 15]
@@ -71,9 +73,13 @@ def synthetic_jpegs(count: int, side: int) -> list[bytes]:
     return out[:count]
 
 
-def in_process(checkpoint: Path, jpegs: list[bytes], batch_size: int, seconds: float) -> float:
+def in_process(checkpoint: Path, jpegs: list[bytes], batch_size: int, seconds: float, threads: int) -> float:
     """img/s of the in-process predictor: bytes → answers, ``batch_size`` images per forward pass."""
+    import torch
+
     from taxonet.predictor import Predictor
+
+    torch.set_num_threads(threads)
 
     predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu")
     predictor.predict_bytes(jpegs[:batch_size], batch_size=batch_size)  # warm-up
@@ -128,6 +134,37 @@ def http_load(port: int, path: str, jpegs: list[bytes], concurrency: int, second
             "p99_ms": 1000 * float(np.percentile(latencies, 99)), "requests": len(latencies), "errors": errors}
 
 
+def build_floor_app() -> Any:
+    """Serve's own cost on this machine: the same two hops (FastAPI ingress → batched deployment) doing nothing."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(name="FloorModel", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+    class FloorModel:
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+        async def run(self, items: list[Any]) -> list[dict[str, int]]:
+            return [{"ok": 1} for _ in items]
+
+        async def classify(self, item: Any) -> dict[str, int]:
+            return await self.run(item)
+
+    @serve.deployment(name="FloorIngress", ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class FloorIngress:
+        def __init__(self, model: Any) -> None:
+            self.model = model
+
+        @api.post("/v1/classify")
+        async def classify(self, request: Request) -> JSONResponse:
+            await request.body()
+            return JSONResponse(await self.model.classify.remote(np.zeros((3, 8, 8), np.float32)))
+
+    return FloorIngress.bind(FloorModel.bind())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="checkpoint to serve (default: a random-init model)")
@@ -137,7 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
-    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the in-process predictor = CPUs (and so OMP threads) of the "
+                             "classifier replica (default: 1; on a small shared machine more threads oversubscribe)")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the embedded Ray")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -152,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp), args.backbone,
                                                                                    args.size)
         jpegs = synthetic_jpegs(64, args.image_side)
-        before = in_process(checkpoint, jpegs, args.batch_size, args.seconds)
+        before = in_process(checkpoint, jpegs, args.batch_size, args.seconds, args.threads)
         print(f"in-process predictor, batch {args.batch_size}: {before:,.1f} img/s", flush=True)
 
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
@@ -161,12 +201,13 @@ def main(argv: list[str] | None = None) -> None:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # the classifier gets the machine's cores like the in-process run does; the ingress shares them
+        # the classifier gets as many CPUs as the in-process predictor has threads (Ray sets its OMP_NUM_THREADS
+        # from num_cpus); the ingress and the proxy share the rest with the load generator
         serve.run(app_builder({
             "checkpoint": str(checkpoint), "device": "cpu", "max_batch_size": args.batch_size,
             "batch_wait_timeout_s": 0.005,
             "ingress": {"num_cpus": 0, "autoscaling": None, "num_replicas": 1},
-            "classifier": {"num_cpus": args.num_cpus, "autoscaling": None, "num_replicas": 1,
+            "classifier": {"num_cpus": args.threads, "autoscaling": None, "num_replicas": 1,
                            "max_ongoing_requests": max(64, args.batch_size)},
         }), name="bench", route_prefix="/")
         http_load(port, "/v1/classify", jpegs, 4, 3.0)  # warm-up
@@ -177,21 +218,27 @@ def main(argv: list[str] | None = None) -> None:
             print(f"HTTP concurrency {concurrency:>3}: {result['img_per_s']:,.1f} img/s  p50 {result['p50_ms']:.1f} ms"
                   f"  p99 {result['p99_ms']:.1f} ms  ({result['requests']} requests, "
                   f"{len(result['errors'])} errors)", flush=True)
+        serve.delete("bench")
+        serve.run(build_floor_app(), name="floor", route_prefix="/floor")
+        http_load(port, "/floor/v1/classify", jpegs, 4, 3.0)
+        floors = {c: http_load(port, "/floor/v1/classify", jpegs, c, min(args.seconds, 8.0))["img_per_s"]
+                  for c, _ in rows}
         serve.shutdown()
         ray.shutdown()
-        after = in_process(checkpoint, jpegs, args.batch_size, args.seconds)
+        after = in_process(checkpoint, jpegs, args.batch_size, args.seconds, args.threads)
         print(f"in-process predictor again: {after:,.1f} img/s", flush=True)
 
     baseline = (before + after) / 2
     best = max(result["img_per_s"] for _, result in rows)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; load average "
           f"{os.getloadavg()[0]:.1f}; {args.backbone} at {args.size} px, JPEGs of {args.image_side} px, "
-          f"batch {args.batch_size}")
+          f"batch {args.batch_size}, {args.threads} torch thread(s)")
     print(f"in-process predictor: {baseline:,.1f} img/s (before {before:,.1f}, after {after:,.1f})\n")
-    print("| clients | HTTP img/s | p50 ms | p99 ms | errors | ratio to in-process |\n|---|---|---|---|---|---|")
+    print("| clients | HTTP img/s | p50 ms | p99 ms | errors | ratio to in-process | no-op Serve app req/s |\n"
+          "|---|---|---|---|---|---|---|")
     for concurrency, result in rows:
         print(f"| {concurrency} | {result['img_per_s']:,.1f} | {result['p50_ms']:.1f} | {result['p99_ms']:.1f} | "
-              f"{len(result['errors'])} | {result['img_per_s'] / baseline:.2f} |")
+              f"{len(result['errors'])} | {result['img_per_s'] / baseline:.2f} | {floors[concurrency]:,.1f} |")
     print(f"\nbest HTTP / in-process = {best / baseline:.2f} (target ≥ 0.8)")
 
 

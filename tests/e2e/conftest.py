@@ -1,6 +1,6 @@
 """End-to-end fixtures: a standalone moto S3 server process and a `ray start --head` cluster, all on 127.0.0.1.
 
-These tests run in their own pytest process (``make test`` runs ``-m e2e`` second) because `ray stop` stops every
+These tests run in their own pytest process (``make test`` runs tests/e2e second) because `ray stop` stops every
 Ray on the machine, including the in-process one the integration tests share.
 """
 

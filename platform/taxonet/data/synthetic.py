@@ -41,6 +41,11 @@ from taxonet.taxonomy import Taxonomy
 
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 512
+# Pose ranges. The insect's centre may land anywhere within ±(ROOM − 0.4·scale) of the image centre (a little of
+# it may leave the frame): position jitter is what keeps a linear model on pixels from reading the pattern at the
+# image centre, which rotation about the insect's own centre would leave in place.
+_POSE_SCALE = (0.7, 0.95)
+_POSE_ROOM = 0.56
 
 # Number of distinct codes per trait (kinds × variants for the pattern). Variants only come into play when a
 # parent has more children than kinds.
@@ -231,7 +236,10 @@ class SyntheticInsects:
     def _preference(self, level: int, name: str, trait: str) -> list[int]:
         kinds = _TRAIT_KINDS[trait]
         order = _rng(self.seed, "code", self.taxonomy.ranks[level], name, trait).permutation(kinds)
-        return [int(k) + kinds * v for v in range(_TRAIT_VARIANTS.get(trait, 1)) for k in order]
+        codes = [int(k) + kinds * v for v in range(_TRAIT_VARIANTS.get(trait, 1)) for k in order]
+        if trait == "pattern":  # a plain body has no marks to recolour: its variants would all look the same
+            codes = [c for c in codes if c < kinds or PATTERNS[c % kinds] != "plain"]
+        return codes
 
     def _known_siblings(self, level: int, parent: str | None) -> list[str]:
         taxonomy = self.taxonomy
@@ -330,18 +338,20 @@ class SyntheticInsects:
 
         accent = codes["accent"] % _TRAIT_KINDS["accent"]
         # The thorax accent is a shade of the body colour, so it marks the family by lightness, not by a new hue.
-        accent_rgb = (body, dark, _hsv(hue, saturation * 0.35, min(1.0, value * 1.25)), _hsv(hue, saturation, value * 0.65))[
-            accent
-        ]
+        pale = _hsv(hue, saturation * 0.35, min(1.0, value * 1.25))
+        accent_rgb = (body, dark, pale, _hsv(hue, saturation, value * 0.65))[accent]
 
         pattern = codes["pattern"] % _TRAIT_KINDS["pattern"]
         variant = codes["pattern"] // _TRAIT_KINDS["pattern"]
         pattern_detail = params["pattern"]
-        # Pale marks on dark bodies, else dark or pale; a variant (many siblings) flips it.
-        lightness_choice = 1 if dark_body else int(pattern_detail.integers(0, 2))
-        lightness_choice = (lightness_choice + variant) % 2
-        # Marks are dark or pale (never a hue of their own): colour alone must not give a species away.
-        pattern_rgb = (_hsv(hue, saturation * 0.6, 0.1), _hsv(0.13, 0.15, 0.97))[lightness_choice]
+        # Marks are dark or pale on the first two variants (a hue of their own would let colour alone give a
+        # species away); only crowded families (more siblings than kinds) also get marks in the opposite hue.
+        # The base choice belongs to the parent, not the species: siblings must differ in the geometry of their
+        # marks (which a linear model on pixels cannot see under random poses), and variants of a kind always differ.
+        lightness_choice = 1 if dark_body else _stable_int(self.seed, "marks", *chain[:-1]) % 2
+        pattern_rgb = (_hsv(hue, saturation * 0.6, 0.1), _hsv(0.13, 0.15, 0.97), _hsv(hue + 0.5, 0.85, 0.9))[
+            (lightness_choice + variant) % 2 if variant < 2 else 2
+        ]
         count_range = {"bands": (2, 4), "stripes": (1, 3), "spots": (2, 6), "chevrons": (2, 3), "speckle": (12, 18),
                        "diagonal": (2, 4), "checks": (2, 3), "eyespot": (1, 2)}.get(PATTERNS[pattern], (1, 1))
         count = int(pattern_detail.integers(count_range[0], count_range[1] + 1))
@@ -590,8 +600,8 @@ def _draw(t: _Traits, image_size: int, rng: np.random.Generator) -> Image.Image:
 
     # Pose: rotate by any angle, scale, and move; PIL's AFFINE maps output pixels back to input pixels.
     angle = rng.uniform(0, 2 * math.pi)
-    scale = rng.uniform(0.75, 1.0)
-    room = max(0.03, 0.5 - 0.4 * scale) * canvas
+    scale = rng.uniform(*_POSE_SCALE)
+    room = max(0.03, _POSE_ROOM - 0.4 * scale) * canvas
     shift_x, shift_y = rng.uniform(-room, room, size=2)
     cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
     centre = canvas / 2
@@ -684,21 +694,21 @@ def unseen_species(taxonomy: Taxonomy, per_family: int = 1, seed: int = 0) -> li
     chains: list[tuple[str, ...]] = []
     for parent_index, parent in enumerate(taxonomy.names[parent_level]):
         prefix = tuple(taxonomy.chain_names(parent_level, parent_index))
-        sibling_codes = {generator._code(leaf_level, prefix + (name,), "pattern")
-                         for name in (taxonomy.names[leaf_level][i] for i in taxonomy.children(parent_level, parent_index))}
-        taken = set(sibling_codes)
+        kinds = _TRAIT_KINDS["pattern"]
+        taken: set[int] = set()  # pattern kinds of the new leaves made so far for this parent
         number, made, fallback = 0, 0, []
-        # Try numbered names until each new leaf has a code of its own; fall back to the first names tried.
+        # Try numbered names until each new leaf has a pattern kind of its own; else use the first names tried.
+        # (Every new leaf already differs from its known siblings: see SyntheticInsects._code.)
         while made < per_family and number < per_family + 50:
             number += 1
             name = f"{parent} sp. novum {number}"
             if name in known:
                 continue
-            code = generator._code(leaf_level, prefix + (name,), "pattern")
-            if code in taken:
+            kind = generator._code(leaf_level, prefix + (name,), "pattern") % kinds
+            if kind in taken:
                 fallback.append(name)
                 continue
-            taken.add(code)
+            taken.add(kind)
             chains.append(prefix + (name,))
             made += 1
         chains.extend(prefix + (name,) for name in fallback[: per_family - made])

@@ -76,11 +76,12 @@ class TaxonetClassifier:
             current = self._config
             if self._predictor is not None and current is not None and current.checkpoint == config.checkpoint:
                 self._predictor.top_k = config.top_k
-                self._config = config
+                self._predictor.preprocessor.max_pixels = config.max_image_pixels
+                self._config, self._rollout_error = config, None
                 return
             try:
                 predictor = await asyncio.to_thread(Predictor.from_checkpoint, config.checkpoint, self._device,
-                                                    top_k=config.top_k)
+                                                    top_k=config.top_k, max_image_pixels=config.max_image_pixels)
             except Exception as exc:
                 if self._predictor is None:
                     raise
@@ -98,10 +99,10 @@ class TaxonetClassifier:
             raise RuntimeError("no model loaded")
 
     def describe(self) -> dict[str, Any]:
-        predictor = self._require()
-        info = predictor.describe()
-        info["max_batch_size"] = self._predict_batch._get_max_batch_size()
-        info["batch_wait_timeout_s"] = self._predict_batch._get_batch_wait_timeout_s()
+        info = self._require().describe()
+        config = self._config
+        info["max_batch_size"] = config.max_batch_size if config else None
+        info["batch_wait_timeout_s"] = config.batch_wait_timeout_s if config else None
         info["rollout_error"] = self._rollout_error
         return info
 
@@ -114,6 +115,19 @@ class TaxonetClassifier:
     async def classify(self, image: np.ndarray, transform_key: str) -> dict[str, Any]:
         """One preprocessed image [3, S, S] → its answer, or ``{"stale_transform": True}`` after a transform change."""
         return await self._predict_batch((image, transform_key))
+
+    async def classify_bytes(self, data: bytes) -> dict[str, Any]:
+        """One encoded image (already validated by the ingress), preprocessed here with this replica's transform.
+
+        The ingress's fallback while a rollout changes the transform; rare, so decoding here costs little.
+        """
+        for _ in range(3):  # the model could be swapped again between preprocessing and the batch
+            predictor = self._require()
+            image = await asyncio.to_thread(predictor.preprocess, data)
+            answer = await self._predict_batch((image.numpy(), spec_key(predictor.transform)))
+            if not answer.get(STALE):
+                return answer
+        raise RuntimeError("the model's transform kept changing during one request")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _predict_batch(self, items: list[tuple[np.ndarray, str]]) -> list[dict[str, Any]]:
@@ -300,27 +314,37 @@ class TaxonetIngress:
             raise ApiError(415, "unsupported_media_type", f"content type {shown} is not accepted: send one image as "
                            "image/jpeg, image/png or image/webp, or several as multipart/form-data 'files'")
         preprocessor = await self._current_preprocessor()
-        answers = await asyncio.gather(*(self._classify_one(name, data, index, len(uploads), preprocessor)
-                                         for index, (name, data) in enumerate(uploads)))
+        # every image is decoded (and so validated) before any reaches the model; a bad one fails the request with
+        # the first bad file named, deterministically
+        images = await asyncio.gather(*(self._preprocess(preprocessor, data, self._where(index, name, len(uploads)))
+                                        for index, (name, data) in enumerate(uploads)), return_exceptions=True)
+        for image in images:
+            if isinstance(image, BaseException):
+                raise image
+        answers = await asyncio.gather(*(self._infer(data, image, preprocessor.key)
+                                         for (_, data), image in zip(uploads, images, strict=True)))
         model = answers[0].pop("model")
         for answer in answers[1:]:
             answer.pop("model")
-        return {"model": model, "predictions": list(answers)}
+        predictions = [{"filename": name, **answer} for (name, _), answer in zip(uploads, answers, strict=True)]
+        return {"model": model, "predictions": predictions}
 
-    async def _classify_one(self, filename: str | None, data: bytes, index: int, count: int,
-                            preprocessor: Preprocessor) -> dict[str, Any]:
-        where = f"files[{index}] ({filename}): " if count > 1 or filename else ""
-        for _ in range(3):  # a rollout can change the transform between preprocessing and inference
-            image = await self._preprocess(preprocessor, data, where)
-            try:
-                answer = await self._classifier.classify.remote(image, preprocessor.key)
-            except (RayActorError, ActorUnavailableError) as exc:  # replica gone or starting: not the client's fault
-                log.warning("taxonet: classifier replica unavailable: %r", exc)
-                raise ApiError(503, "unavailable", "the model deployment is not available; retry shortly") from None
-            if not answer.get(STALE):
-                return {"filename": filename, **answer}
-            preprocessor = await self._current_preprocessor(refresh=True)
-        raise ApiError(503, "unavailable", "the model changed repeatedly during this request; retry")
+    @staticmethod
+    def _where(index: int, filename: str | None, count: int) -> str:
+        return f"files[{index}] ({filename}): " if count > 1 or filename else ""
+
+    async def _infer(self, data: bytes, image: np.ndarray, transform_key: str) -> dict[str, Any]:
+        try:
+            answer = await self._classifier.classify.remote(image, transform_key)
+            if answer.get(STALE):
+                # A rollout changed the preprocessing after this image was prepared: the classifier prepares it
+                # itself (it knows its own transform), and later requests use the new transform.
+                await self._current_preprocessor(stale_key=transform_key)
+                answer = await self._classifier.classify_bytes.remote(data)
+        except (RayActorError, ActorUnavailableError) as exc:  # replica gone or starting: not the client's fault
+            log.warning("taxonet: classifier replica unavailable: %r", exc)
+            raise ApiError(503, "unavailable", "the model deployment is not available; retry shortly") from None
+        return answer
 
     async def _preprocess(self, preprocessor: Preprocessor, data: bytes, where: str) -> np.ndarray:
         start = time.perf_counter()
@@ -331,12 +355,14 @@ class TaxonetIngress:
         self._metrics.stage("decode", time.perf_counter() - start)
         return tensor.numpy()
 
-    async def _current_preprocessor(self, refresh: bool = False) -> Preprocessor:
+    async def _current_preprocessor(self, stale_key: str | None = None) -> Preprocessor:
+        """The preprocessing of the served checkpoint; fetched once, and again when ``stale_key`` went out of date."""
         async with self._preprocessor_lock:
-            if self._preprocessor is None or refresh:
+            current = self._preprocessor
+            if current is None or (stale_key is not None and current.key == stale_key):
                 info = await self._call_model("describe")
                 spec = TransformSpec.from_dict(info["transform"])
-                if self._preprocessor is None or self._preprocessor.key != spec_key(spec):
+                if current is None or current.key != spec_key(spec):
                     self._preprocessor = Preprocessor(spec, max_pixels=self._settings.max_image_pixels,
                                                       allowed_formats=SERVED_FORMATS)
             return self._preprocessor
@@ -378,8 +404,8 @@ class TaxonetIngress:
         except (MultiPartException, StarletteHTTPException) as exc:  # starlette turns parser errors into 400s
             message = str(getattr(exc, "detail", None) or getattr(exc, "message", None) or exc)
             if message.startswith("Too many files"):
-                raise ApiError(400, "too_many_files", f"more than {settings.max_files} files in one request "
-                                                      f"(the limit is {settings.max_files})") from None
+                raise ApiError(400, "too_many_files",
+                               f"too many files: at most {settings.max_files} per request") from None
             if message.startswith(("Part exceeded", "Field exceeded")):
                 raise ApiError(413, "payload_too_large",
                                f"a form field is over the limit of {settings.max_image_bytes} bytes") from None
@@ -391,7 +417,8 @@ class TaxonetIngress:
                 raise ApiError(400, "no_files", "the multipart body has no 'files' part"
                                + (f" (found {', '.join(fields)})" if fields else ""))
             if len(parts) > settings.max_files:
-                raise ApiError(400, "too_many_files", f"{len(parts)} files, more than {settings.max_files}")
+                raise ApiError(400, "too_many_files",
+                               f"too many files ({len(parts)}): at most {settings.max_files} per request")
             uploads = []
             for index, part in enumerate(parts):
                 if not isinstance(part, UploadFile):

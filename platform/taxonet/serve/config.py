@@ -76,6 +76,8 @@ class ClassifierConfig(BaseModel):
     top_k: int = Field(3, ge=1)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+    #: the ingress's pixel limit, honoured too when the classifier decodes (its fallback during a rollout)
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
 
 class ServeArgs(BaseModel):
@@ -120,7 +122,7 @@ class ServeArgs(BaseModel):
 
     def classifier_config(self) -> ClassifierConfig:
         return ClassifierConfig(checkpoint=self.checkpoint, top_k=self.top_k, max_batch_size=self.max_batch_size,
-                                batch_wait_timeout_s=self.batch_wait_timeout_s)
+                                batch_wait_timeout_s=self.batch_wait_timeout_s, max_image_pixels=self.max_image_pixels)
 
     def ingress_settings(self) -> "IngressSettings":
         return IngressSettings(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,

@@ -133,6 +133,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config.optim.epochs):
         if rank == 0:
             _maybe_inject_failure(epoch, loop_config.get("fail_once"))
+        engine.set_learning_rate(optimizer, engine.learning_rate(config.optim, epoch))
         metrics = engine.train_one_epoch(model, batches("train", train_collate, epoch), loss_fn, optimizer, device,
                                          taxonomy, amp=config.train.amp, channels_last=config.train.channels_last,
                                          max_steps=config.train.max_steps_per_epoch)
@@ -151,6 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics.update(engine.evaluate_logits(taxonomy, logits, targets, loss_fn))
         metrics["skipped_records"] = train_collate.skipped + eval_collate.skipped
         metrics["epoch"] = epoch
+        metrics["lr"] = engine.learning_rate(config.optim, epoch)
         metrics["start_epoch"] = start_epoch  # > 0 when this attempt resumed from a checkpoint
         val_loss = metrics.get("val_loss", metrics.get("train_loss", math.inf))
         metrics["is_best"] = bool(val_loss < best_loss)
@@ -188,14 +190,17 @@ def fit_and_publish_thresholds(config_dict: dict[str, Any], checkpoint_uri: str,
     import torch
 
     from taxonet import engine
-    from taxonet.checkpoint import add_thresholds, load_checkpoint, materialize, publish_checkpoint, write_manifest
+    from taxonet.checkpoint import (add_thresholds, copy_checkpoint, load_checkpoint, materialize, publish_checkpoint,
+                                    write_manifest)
     from taxonet.config import from_dict
     from taxonet.data.pipeline import Collator, iter_parquet_batches
 
     config = from_dict(config_dict)
     device = engine.resolve_device("cuda" if config.train.use_gpu and torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="taxonet-best-") as tmp:
-        local = materialize(checkpoint_uri, Path(tmp) / "ckpt")
+        # Work on a copy: a local Ray checkpoint must keep its optimiser state for a later resume.
+        local = Path(tmp) / "ckpt"
+        copy_checkpoint(materialize(checkpoint_uri, Path(tmp) / "download"), local)
         best = load_checkpoint(local, device=device)
         collate = Collator(best.taxonomy, best.transform, train=False, threads=config.train.loader_threads)
         raw = iter_parquet_batches(config.data.dataset, config.data.train_split, max(config.optim.batch_size, 64),
