@@ -223,9 +223,8 @@ def test_every_rank_is_learnable_by_a_tiny_cnn(demo: Taxonomy) -> None:
     torch = pytest.importorskip("torch")
     from taxonet.models import build_backbone
 
-    torch.manual_seed(0)
     generator = SyntheticInsects(demo, image_size=32, seed=0)
-    train_images, train_labels = to_arrays(generator.samples(60))
+    train_images, train_labels = to_arrays(generator.samples(80))
     test_images, test_labels = to_arrays(generator.samples(20, start_index=1000))
 
     def tensors(images: np.ndarray, labels: list[tuple[str, ...]]) -> tuple[object, list[object]]:
@@ -234,29 +233,35 @@ def test_every_rank_is_learnable_by_a_tiny_cnn(demo: Taxonomy) -> None:
         return x, y
 
     (x_train, y_train), (x_test, y_test) = tensors(train_images, train_labels), tensors(test_images, test_labels)
-    backbone, dim = build_backbone("tiny_cnn")
-    heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in demo.sizes)
-    parameters = list(backbone.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=3e-3)
-    epochs, batch = 8, 32
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=epochs * -(-len(x_train) // batch))
-    for _ in range(epochs):
-        backbone.train()
-        order = torch.randperm(len(x_train))
-        for start in range(0, len(x_train), batch):
-            rows = order[start:start + batch]
-            features = backbone(x_train[rows])
-            loss = sum(torch.nn.functional.cross_entropy(h(features), y[rows]) for h, y in zip(heads, y_train))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    backbone.eval()
-    with torch.no_grad():
-        features = backbone(x_test)
-        accuracy = {rank: (h(features).argmax(1) == y).float().mean().item()
-                    for rank, h, y in zip(demo.ranks, heads, y_test)}
-    # Far above what a linear model on pixels reaches: the traces are there, for every rank.
-    assert accuracy["order"] >= 0.9, accuracy
-    assert accuracy["family"] >= 0.85, accuracy
-    assert accuracy["species"] >= 0.75, accuracy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is fastest, and the machine is shared
+    try:
+        torch.manual_seed(0)
+        backbone, dim = build_backbone("tiny_cnn")
+        heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in demo.sizes)
+        optimizer = torch.optim.Adam([*backbone.parameters(), *heads.parameters()], lr=3e-3)
+        epochs, batch = 12, 32
+        steps = len(x_train) // batch
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=epochs * steps)
+        for _ in range(epochs):
+            backbone.train()
+            order = torch.randperm(len(x_train))
+            for step in range(steps):
+                rows = order[step * batch:(step + 1) * batch]
+                features = backbone(x_train[rows])
+                loss = sum(torch.nn.functional.cross_entropy(h(features), y[rows]) for h, y in zip(heads, y_train))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        backbone.eval()
+        with torch.no_grad():
+            features = backbone(x_test)
+            accuracy = {rank: (h(features).argmax(1) == y).float().mean().item()
+                        for rank, h, y in zip(demo.ranks, heads, y_test)}
+    finally:
+        torch.set_num_threads(threads)
+    # Every rank leaves a trace a small CNN finds in seconds, far above what a linear model on pixels reaches.
+    assert accuracy["order"] >= 0.95, accuracy
+    assert accuracy["family"] >= 0.9, accuracy
+    assert accuracy["species"] >= 0.7, accuracy
