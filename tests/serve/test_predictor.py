@@ -81,6 +81,30 @@ def test_strict_thresholds_make_every_rank_unsure(checkpoint: Path, tmp_path: Pa
     assert all(entry["confidence"] == pytest.approx(0.0, abs=1e-9) for entry in answer["ranks"].values())
 
 
+def test_single_task_checkpoint_answers_higher_ranks_from_the_taxonomy(tmp_path: Path, jpeg: bytes) -> None:
+    from taxonet.checkpoint import save_checkpoint
+    from taxonet.config import load_config
+    from taxonet.data.transforms import TransformSpec
+    from taxonet.models import build_model
+    from taxonet.taxonomy import Taxonomy
+
+    taxonomy = Taxonomy.demo()
+    config = load_config("demo", {"model.backbone": "tiny_cnn", "model.single_task": True, "data.input_size": 32})
+    directory = save_checkpoint(tmp_path / "species-only", build_model(config.model, taxonomy), taxonomy, config,
+                                TransformSpec.from_config(config.data))
+    predictor = Predictor.from_checkpoint(str(directory), device="cpu")
+    answer = predictor.predict_bytes([jpeg])[0]
+    species = answer["ranks"]["species"]
+    assert len(species["top_k"]) == 3 and species["score"] is not None
+    chain = taxonomy.chain_names("species", taxonomy.index("species", species["label"]))
+    for rank, name in zip(("order", "family"), chain[:2], strict=True):
+        entry = answer["ranks"][rank]
+        assert entry["label"] == name and entry["top_k"] == [] and entry["score"] is None
+    assert answer["consistent"] is True
+    assert predictor.describe()["thresholds"] is False  # no thresholds: every rank counts as reliable
+    assert answer["lowest_reliable_rank"] == "species" and species["confidence"] is None
+
+
 def test_top_k_is_capped_by_the_number_of_classes(checkpoint: Path, jpeg: bytes) -> None:
     wide = Predictor.from_checkpoint(str(checkpoint), top_k=50)
     answer = wide.predict_bytes([jpeg])[0]

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from taxonet.taxonomy import Taxonomy
 
@@ -46,6 +46,7 @@ MAX_IMAGE_SIZE = 512
 # image centre, which rotation about the insect's own centre would leave in place.
 _POSE_SCALE = (0.7, 0.95)
 _POSE_ROOM = 0.56
+_UNSEEN_MARK_STRENGTH = 1.0
 
 # Number of distinct codes per trait (kinds × variants for the pattern). Variants only come into play when a
 # parent has more children than kinds.
@@ -56,23 +57,27 @@ _TRAIT_KINDS = {
     "form": 4,
     "appendages": 4,
     "accent": 4,
-    "pattern": 12,
+    "pattern": 14,  # len(PATTERNS)
 }
 _TRAIT_VARIANTS = {"colour": 2, "pattern": 3}
 _SHAPE_TRAITS = ("wings", "form", "appendages", "accent")
 _TOP_TRAITS = ("colour", "plan")
 
+#: Mark patterns of the last rank. Known classes draw from the common ones first; the reserved ones go to unseen
+#: classes (and to known ones only in families with more children than common kinds), so an unseen species shows
+#: marks that no known species has: its features are new, not a mix of known ones.
 PATTERNS = (
-    "bands", "stripes", "spots", "checks", "eyespot", "chevrons",
-    "tip", "diagonal", "plain", "speckle", "cross", "margins",
+    "bands", "stripes", "spots", "checks", "eyespot", "chevrons", "tip", "margins",  # common
+    "plain", "zigzag", "speckle", "cross", "diagonal", "outline",  # reserved
 )
+_COMMON_PATTERNS = 8
 # Patterns in one group look alike under rotation (e.g. bands and diagonal stripes); siblings get different groups
 # while there are enough, so that sibling species stay easy to tell apart.
 _PATTERN_GROUP = {
     "bands": 0, "chevrons": 0, "diagonal": 0,
-    "stripes": 1, "margins": 1, "cross": 1,
-    "spots": 2, "speckle": 2, "eyespot": 2,
-    "tip": 3, "plain": 3, "checks": 3,
+    "stripes": 1, "margins": 1, "cross": 1, "zigzag": 1,
+    "spots": 2, "eyespot": 2, "speckle": 2,
+    "tip": 3, "checks": 3, "plain": 3, "outline": 3,
 }
 PLANS = ("beetle", "bee", "wasp", "moth")
 WINGS = ("none", "narrow", "round", "delta", "four", "folded")
@@ -233,10 +238,15 @@ class SyntheticInsects:
                     )
         return chain
 
-    def _preference(self, level: int, name: str, trait: str) -> list[int]:
+    def _preference(self, level: int, name: str, trait: str, unseen: bool = False) -> list[int]:
+        """Codes in the order class ``name`` would like them (for patterns: common kinds first, or reserved)."""
         kinds = _TRAIT_KINDS[trait]
-        order = _rng(self.seed, "code", self.taxonomy.ranks[level], name, trait).permutation(kinds)
-        codes = [int(k) + kinds * v for v in range(_TRAIT_VARIANTS.get(trait, 1)) for k in order]
+        order = [int(k) for k in _rng(self.seed, "code", self.taxonomy.ranks[level], name, trait).permutation(kinds)]
+        if trait == "pattern":
+            common = [k for k in order if k < _COMMON_PATTERNS]
+            reserved = [k for k in order if k >= _COMMON_PATTERNS]
+            order = reserved + common if unseen else common + reserved
+        codes = [k + kinds * v for v in range(_TRAIT_VARIANTS.get(trait, 1)) for k in order]
         if trait == "pattern":  # a plain body has no marks to recolour: its variants would all look the same
             codes = [c for c in codes if c < kinds or PATTERNS[c % kinds] != "plain"]
         return codes
@@ -280,7 +290,7 @@ class SyntheticInsects:
             used_by_level = frozenset(self._code(level, tuple(self.taxonomy.chain_names(level, i)), trait)
                                       for i in range(self.taxonomy.num_classes(level)))
             self._level_codes[(level, trait)] = used_by_level
-        preference = self._preference(level, name, trait)
+        preference = self._preference(level, name, trait, unseen=True)
         kinds = _TRAIT_KINDS[trait]
         used_kinds = {c % kinds for c in used_by_level}
         sibling_codes = set(table.values())
@@ -352,6 +362,8 @@ class SyntheticInsects:
         pattern_rgb = (_hsv(hue, saturation * 0.6, 0.1), _hsv(0.13, 0.15, 0.97), _hsv(hue + 0.5, 0.85, 0.9))[
             (lightness_choice + variant) % 2 if variant < 2 else 2
         ]
+        if (self.taxonomy.depth - 1, chain[-1]) not in self.taxonomy and _UNSEEN_MARK_STRENGTH < 1:
+            pattern_rgb = tuple(int(b + (m - b) * _UNSEEN_MARK_STRENGTH) for b, m in zip(body, pattern_rgb))
         count_range = {"bands": (2, 4), "stripes": (1, 3), "spots": (2, 6), "chevrons": (2, 3), "speckle": (12, 18),
                        "diagonal": (2, 4), "checks": (2, 3), "eyespot": (1, 2)}.get(PATTERNS[pattern], (1, 1))
         count = int(pattern_detail.integers(count_range[0], count_range[1] + 1))
@@ -498,6 +510,9 @@ def _draw_insect(t: _Traits, size: int, rng: np.random.Generator) -> Image.Image
     y0, y1 = thorax_y - thorax_h * unit, abdomen_y + abdomen_h * unit
     marks = Image.new("L", (size, size), 0)
     _draw_pattern(ImageDraw.Draw(marks), t, x0, y0, x1 - x0, y1 - y0)
+    if PATTERNS[t.pattern] == "outline":
+        rim = 2 * max(1, round(size / 64)) + 1
+        marks = ImageChops.subtract(surface, surface.filter(ImageFilter.MinFilter(rim)))
     layer.paste((*t.pattern_rgb, 255), mask=ImageChops.multiply(marks, surface))
     return layer
 
@@ -555,6 +570,11 @@ def _draw_pattern(draw: ImageDraw.ImageDraw, t: _Traits, x0: float, y0: float, w
     elif kind == "cross":
         box(0.4, 0, 0.6, 1)
         box(0, 0.45, 1, 0.6)
+    elif kind == "zigzag":  # one thick zigzag down the body
+        points = [(x0 + (0.2 if j % 2 else 0.8) * w, y0 + j / 5 * h) for j in range(6)]
+        draw.line(points, fill=255, width=max(2, round(w * 0.18)), joint="curve")
+    elif kind == "outline":  # a rim around the body, drawn by _draw_insect from the surface mask
+        pass
     elif kind == "margins":
         box(0, 0, 0.3, 1)
         box(0.7, 0, 1, 1)
