@@ -7,8 +7,6 @@ expected counts are exact: the test sends a known mix of requests and Prometheus
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from .helpers import SMALL, deploy, encode, free_port, variant, wait_for
+from tests.prometheus_support import query, running_prometheus, wait_for_value
+
+from .helpers import SMALL, deploy, encode, variant, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -45,64 +45,8 @@ def metrics_export_port() -> int:
 @pytest.fixture(scope="module")
 def prometheus(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Prometheus server on 127.0.0.1 scraping the local Ray node's metrics port every second; yields its URL."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("the prometheus server is not installed (Debian: apt-get install prometheus)")
-    root = tmp_path_factory.mktemp("prometheus")
-    (root / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: ray\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_export_port()}']\n")
-    port = free_port()
-    log = (root / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"prometheus exited with {process.returncode}: "
-                                 f"{(root / 'prometheus.log').read_text()[-2000:]}")
-        try:
-            return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, timeout=60, what="prometheus to be ready")
+    with running_prometheus(f"127.0.0.1:{metrics_export_port()}", tmp_path_factory.mktemp("prometheus")) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
-def query(prometheus: str, promql: str) -> dict[str, float]:
-    """Instant PromQL query → {label set text: value}."""
-    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}, timeout=10)
-    response.raise_for_status()
-    body = response.json()
-    assert body["status"] == "success", body
-    return {",".join(f"{k}={v}" for k, v in sorted(r["metric"].items())): float(r["value"][1])
-            for r in body["data"]["result"]}
-
-
-def wait_for_value(prometheus: str, promql: str, expected: float, timeout: float = 60) -> None:
-    seen: dict[str, Any] = {}
-
-    def matches() -> bool:
-        seen["last"] = query(prometheus, promql)
-        return list(seen["last"].values()) == [expected]
-
-    try:
-        wait_for(matches, timeout, interval=1.0, what=f"{promql} == {expected}")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; last answer {seen.get('last')}") from None
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ MAX_IMAGE_SIZE = 512
 _POSE_SCALE = (0.7, 0.95)
 _POSE_ROOM = 0.56
 _UNSEEN_MARK_STRENGTH = 1.0
+_SPARSE_FIRST = False
 
 # Number of distinct codes per trait (kinds × variants for the pattern). Variants only come into play when a
 # parent has more children than kinds.
@@ -245,6 +246,8 @@ class SyntheticInsects:
         if trait == "pattern":
             common = [k for k in order if k < _COMMON_PATTERNS]
             reserved = [k for k in order if k >= _COMMON_PATTERNS]
+            if _SPARSE_FIRST:
+                reserved = sorted(reserved, key=lambda k: PATTERNS[k] not in ("plain", "outline", "speckle"))
             order = reserved + common if unseen else common + reserved
         codes = [k + kinds * v for v in range(_TRAIT_VARIANTS.get(trait, 1)) for k in order]
         if trait == "pattern":  # a plain body has no marks to recolour: its variants would all look the same
