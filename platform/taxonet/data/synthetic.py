@@ -6,8 +6,9 @@ Each class owns some visual *traits* and each trait belongs to exactly one rank:
 * intermediate ranks → shape: wing form, body form (elongation, waist), appendages (antennae, legs), thorax accent
   (with one intermediate rank it owns all four; with several they share them out round-robin; intermediate ranks
   beyond the fourth add no trait of their own);
-* last rank → the pattern on thorax and abdomen (bands, stripes, spots, checks, eyespot, chevrons, ...), its
-  count, layout and colour.
+* last rank → the marks on thorax and abdomen (bands, stripes, spots, checks, eyespot, chevrons, ...), their
+  count and layout. Marks are dark or pale as the parent decides (a hue of their own would let a linear model on
+  pixels read the species off the mean colour); siblings differ in the geometry of their marks.
 
 A trait's *code* (which wing form, which pattern kind, ...) is drawn from a permutation seeded by
 ``(seed, rank, class name, trait)``; siblings (classes with the same parent) that would share a code are resolved
@@ -15,7 +16,11 @@ by probing, so sibling classes always differ in every trait they own (while ther
 thus a function of the seed, the class name and its siblings in the taxonomy — never of the order in which images
 are requested, so a training set and a test set rendered in separate calls agree. An *unseen* class (a name not in
 the taxonomy, e.g. from :func:`unseen_species`) takes a code that no known class at its rank uses if one is free,
-else one its known siblings do not use, while its higher-rank traits come from its real ancestors.
+else one its known siblings do not use, while its higher-rank traits come from its real ancestors; unseen leaves
+prefer mark patterns reserved for them (known leaves get those only in families larger than the common set).
+
+Difficulty (demo tree, seed 0..7): a logistic regression on raw 32 px pixels reaches 0.32–0.49 species accuracy
+(knowing the family alone would give 0.56 there), while ``small_cnn`` learns the species at 48 px in a few epochs.
 
 Every image then gets its own nuisance variation from a per-sample RNG seeded by ``(seed, chain, index)``: pose
 (any rotation, mirror), position, scale, small shape jitter, a cluttered background (gradient, blobs, stalks),
@@ -46,8 +51,6 @@ MAX_IMAGE_SIZE = 512
 # image centre, which rotation about the insect's own centre would leave in place.
 _POSE_SCALE = (0.7, 0.95)
 _POSE_ROOM = 0.56
-_UNSEEN_MARK_STRENGTH = 1.0
-_SPARSE_FIRST = False
 
 # Number of distinct codes per trait (kinds × variants for the pattern). Variants only come into play when a
 # parent has more children than kinds.
@@ -246,8 +249,6 @@ class SyntheticInsects:
         if trait == "pattern":
             common = [k for k in order if k < _COMMON_PATTERNS]
             reserved = [k for k in order if k >= _COMMON_PATTERNS]
-            if _SPARSE_FIRST:
-                reserved = sorted(reserved, key=lambda k: PATTERNS[k] not in ("plain", "outline", "speckle"))
             order = reserved + common if unseen else common + reserved
         codes = [k + kinds * v for v in range(_TRAIT_VARIANTS.get(trait, 1)) for k in order]
         if trait == "pattern":  # a plain body has no marks to recolour: its variants would all look the same
@@ -365,8 +366,6 @@ class SyntheticInsects:
         pattern_rgb = (_hsv(hue, saturation * 0.6, 0.1), _hsv(0.13, 0.15, 0.97), _hsv(hue + 0.5, 0.85, 0.9))[
             (lightness_choice + variant) % 2 if variant < 2 else 2
         ]
-        if (self.taxonomy.depth - 1, chain[-1]) not in self.taxonomy and _UNSEEN_MARK_STRENGTH < 1:
-            pattern_rgb = tuple(int(b + (m - b) * _UNSEEN_MARK_STRENGTH) for b, m in zip(body, pattern_rgb))
         count_range = {"bands": (2, 4), "stripes": (1, 3), "spots": (2, 6), "chevrons": (2, 3), "speckle": (12, 18),
                        "diagonal": (2, 4), "checks": (2, 3), "eyespot": (1, 2)}.get(PATTERNS[pattern], (1, 1))
         count = int(pattern_detail.integers(count_range[0], count_range[1] + 1))
@@ -388,7 +387,9 @@ def _pattern_points(kind: str, count: int, rng: np.random.Generator) -> tuple[tu
         points: list[tuple[float, float]] = []
         if count % 2:
             points.append((0.5, float(rng.uniform(0.3, 0.75))))
-        while len(points) < count:
+        for _ in range(1000):  # rejection sampling of well-separated rows; a handful of tries in practice
+            if len(points) >= count:
+                break
             x, y = float(rng.uniform(0.62, 0.78)), float(rng.uniform(0.25, 0.85))
             if all(abs(y - q) > 0.17 for p, q in points if p != 0.5):
                 points += [(x, y), (1 - x, y)]
