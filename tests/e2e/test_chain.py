@@ -73,7 +73,7 @@ def test_job_submit_train_then_serve_from_s3_and_scrape(e2e_env, ray_head, tmp_p
                               timeout=60)
         assert response.status_code == 200, response.text
         answer = response.json()
-        answer = answer["results"][0] if "results" in answer else answer
+        answer = answer["predictions"][0]
         chain = [answer["ranks"][rank]["label"] for rank in taxonomy.ranks]
         assert answer["consistent"] == taxonomy.is_consistent(
             [taxonomy.index(rank, name) for rank, name in zip(taxonomy.ranks, chain)])

@@ -75,7 +75,7 @@ def _post(url: str, path: Path) -> dict[str, Any]:
 
 
 def _describe(answer: dict[str, Any]) -> str:
-    image = answer.get("results", [answer])[0] if "results" in answer else answer
+    image = answer["predictions"][0]  # the response of POST /v1/classify: {"model": ..., "predictions": [...]}
     ranks = image.get("ranks", {})
     chain = " > ".join(f"{r['label']}{'' if r.get('reliable') else '?'}" for r in ranks.values())
     lowest = image.get("lowest_reliable_rank")
@@ -104,7 +104,7 @@ def _demo(args: argparse.Namespace) -> int:
     unseen = unseen_species(taxonomy, per_family=1, seed=0)
     write_image_folder(out / "images-unseen", generator.samples(max(10, args.per_species // 4), chains=unseen,
                                                                  start_index=50_000))
-    print(f"  {args.per_species} images x {taxonomy.num_classes(-1)} species, and {len(unseen)} species never seen "
+    print(f"  {args.per_species} images x {taxonomy.num_classes(taxonomy.depth - 1)} species, and {len(unseen)} species never seen "
           f"in training: {', '.join(c[-1] for c in unseen)}")
 
     server = None
@@ -126,7 +126,7 @@ def _demo(args: argparse.Namespace) -> int:
         if args.epochs:
             overrides["optim.epochs"] = args.epochs
         config = load_config("demo", overrides).with_overrides(args.sets)
-        raycluster.init(num_cpus=2, log_to_driver=False)
+        raycluster.init(num_cpus=2)  # worker output (per-epoch progress) is forwarded here
         from taxonet.train.ray_trainer import run_training
 
         result = run_training(config)

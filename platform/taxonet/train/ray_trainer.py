@@ -161,7 +161,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics["val_loss"] = val_loss
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
         if rank == 0:
-            log.info("epoch %d/%d %s", epoch + 1, config.optim.epochs, _summary(metrics, taxonomy))
+            # print, not log: Ray forwards worker stdout to the driver, so `taxonet train` shows progress per epoch
+            print(f"taxonet train: epoch {epoch + 1}/{config.optim.epochs} {_summary(metrics, taxonomy)}", flush=True)
             with tempfile.TemporaryDirectory(prefix="taxonet-ckpt-") as tmp:
                 save_checkpoint(tmp, model, taxonomy, config, spec, metrics=metrics, train_state={
                     "epoch": epoch, "best_loss": best_loss, "optimizer": optimizer.state_dict(),
