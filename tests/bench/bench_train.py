@@ -52,7 +52,8 @@ def ray_train(config, workers: int) -> tuple[list[float], float]:
     from taxonet.train.ray_trainer import run_training
 
     config = config.with_overrides({"train.num_workers": workers,
-                                    "train.cpus_per_worker": max(0.5, 2 / workers - 0.25),
+                                    # 1 CPU (one torch thread) per worker, as the plain loop; 2 workers share the 2 cores
+                                    "train.cpus_per_worker": 1.0 if workers == 1 else 0.5,
                                     "train.run_name": f"bench-{workers}w-{time.time_ns()}"})
     start = time.perf_counter()
     result = run_training(config)
