@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("mtl", "baseline")
 #: environment variables forwarded to the Ray tasks when a URI is on S3 (workers may have started without them)
-_FORWARDED_ENV_PREFIXES = ("AWS_", "TAXONET_S3_")
 
 
 class ExperimentError(RuntimeError):
@@ -188,14 +187,6 @@ def _max_concurrent(config: Any, runs: int) -> int:
     return max(1, min(runs, limit))
 
 
-def _forwarded_env(uris: Sequence[str]) -> dict[str, str]:
-    from taxonet import storage
-
-    if not any(storage.is_s3(uri) for uri in uris):
-        return {}
-    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV_PREFIXES)}
-
-
 def _absolute(uri: str) -> str:
     """Local paths made absolute: Ray tasks may run in another working directory than the caller."""
     from taxonet import storage
@@ -253,10 +244,9 @@ def run_experiment(config: Any, *, seeds: int | Sequence[int] = 5, baseline: boo
             for variant, seed, run_config in planned]
     if parallel:
         limit = max_concurrent or _max_concurrent(config, len(jobs))
-        env = _forwarded_env([config.data.dataset, config.train.storage, experiment_uri])
+        # No runtime_env env_vars: secrets passed that way show in the dashboard (ray#39502). Workers inherit the
+        # S3 settings from the cluster's environment (a mounted Secret on Kubernetes).
         options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
         remote = ray.remote(train_and_evaluate).options(**options)
         log.info("experiment: %d runs, up to %d at a time", len(jobs), limit)
         pending: list[Any] = []
