@@ -273,10 +273,11 @@ def run_training(config: Any, *, taxonomy: Any | None = None, fail_once: str | N
     best_checkpoint, best_metrics = best
     best_source = _checkpoint_uri(best_checkpoint, config.train.storage)
     best_uri = _join(run_uri, "best")
-    remote = ray.remote(fit_and_publish_thresholds).options(
-        num_cpus=1 if not config.train.use_gpu else config.train.cpus_per_worker,
-        num_gpus=1 if config.train.use_gpu else 0)
-    ray.get(remote.remote(config.to_dict(), best_source, best_uri))
+    if config.train.use_gpu:  # one pass over the training split: worth a GPU task on the cluster
+        remote = ray.remote(fit_and_publish_thresholds).options(num_cpus=config.train.cpus_per_worker, num_gpus=1)
+        ray.get(remote.remote(config.to_dict(), best_source, best_uri))
+    else:  # on CPU the driver does it itself (no extra scheduling round trip)
+        fit_and_publish_thresholds(config.to_dict(), best_source, best_uri)
     storage.write_bytes(_join(run_uri, "history.json"), json.dumps(history, indent=2).encode())
     log.info("training finished in %.0f s; best checkpoint %s", time.time() - started, best_uri)
     return TrainingResult(run_uri=run_uri, best_checkpoint=best_uri, metrics=dict(best_metrics), history=history,
