@@ -84,7 +84,7 @@ def test_worker_failure_is_retried_from_the_last_checkpoint(ray_local, s3_datase
     config = _config(s3_dataset, str(tmp_path / "runs"), "fault", epochs=3, **{"train.max_failures": 1})
     result = run_training(config, fail_once=f"2:{marker}")
     assert marker.exists(), "the injected failure did not happen"
-    # the retry started from the checkpoint of epoch 1: only the epoch in flight (2) ran again
+    # the crash came mid-epoch 2; the retry started from the checkpoint of epoch 1: only epoch 2 ran again
     assert result.metrics["start_epoch"] == 2
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
     assert load_checkpoint(result.best_checkpoint).thresholds is not None

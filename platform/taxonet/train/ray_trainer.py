@@ -26,7 +26,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: Fault injection for tests and drills: "EPOCH:MARKER_FILE" makes worker rank 0 die once at the start of EPOCH
+#: Fault injection for tests and drills: "EPOCH:MARKER_FILE" makes worker rank 0 die once during EPOCH
 #: (the marker file records that it happened, so the retried run goes on).
 FAIL_ONCE_ENV = "TAXONET_FAIL_ONCE_AT_EPOCH"
 
@@ -131,12 +131,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             yield collate(raw)
 
     for epoch in range(start_epoch, config.optim.epochs):
-        if rank == 0:
-            _maybe_inject_failure(epoch, loop_config.get("fail_once"))
         engine.set_learning_rate(optimizer, engine.learning_rate(config.optim, epoch))
+        # a drill crash hits worker 0 mid-epoch (after its second step), as a real failure would
+        on_step = (lambda step, epoch=epoch: _maybe_inject_failure(epoch, loop_config.get("fail_once"))
+                   if step == 2 else None) if rank == 0 else None
         metrics = engine.train_one_epoch(model, batches("train", train_collate, epoch), loss_fn, optimizer, device,
                                          taxonomy, amp=config.train.amp, channels_last=config.train.channels_last,
-                                         max_steps=config.train.max_steps_per_epoch)
+                                         max_steps=config.train.max_steps_per_epoch, on_step=on_step)
         logits, targets = engine.collect_logits(model, batches("val", eval_collate, epoch), device,
                                                 amp=config.train.amp, channels_last=config.train.channels_last)
         if world > 1:  # every worker saw a slice of the validation split: gather them for exact macro metrics
