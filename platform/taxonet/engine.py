@@ -262,7 +262,7 @@ def fit(
     set_seed(config.train.seed)
     device = resolve_device(device)
     model = (model or build_model(config.model, taxonomy)).to(device)
-    loss_fn = HierarchicalLoss(taxonomy, alpha=config.loss.alpha, dependency=config.loss.dependency)
+    loss_fn = HierarchicalLoss(taxonomy, alpha=config.loss.alpha, dependency=config.loss.dependency).to(device)
     optimizer = build_optimizer(model, config.optim)
     transform = TransformSpec.from_config(config.data)
     out_dir = Path(out_dir)
@@ -296,7 +296,8 @@ def fit(
 
 
 def quick_checkpoint(directory: str | Path, *, taxonomy: Taxonomy | None = None, image_size: int = 32,
-                     epochs: int = 2, seed: int = 0, per_species: int = 24, backbone: str = "tiny_cnn") -> Path:
+                     epochs: int = 2, seed: int = 0, per_species: int = 24, backbone: str = "tiny_cnn",
+                     device: str | torch.device = "cpu") -> Path:
     """Train a tiny model on synthetic images for a few epochs and write a complete checkpoint (with thresholds).
 
     For tests and demos that need a real checkpoint quickly (about 10 s on 2 CPU cores).
@@ -318,5 +319,5 @@ def quick_checkpoint(directory: str | Path, *, taxonomy: Taxonomy | None = None,
     directory = Path(directory)
     best = fit(config, taxonomy,
                lambda epoch: tensor_batches(train_x, train_y, 32, shuffle=epoch >= 0, seed=seed, epoch=epoch),
-               lambda: tensor_batches(val_x, val_y, 64), directory, device="cpu")
+               lambda: tensor_batches(val_x, val_y, 64), directory, device=device)
     return best

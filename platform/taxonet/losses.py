@@ -125,13 +125,16 @@ class HierarchicalLoss(nn.Module):
                 with torch.no_grad():
                     parent_pred = parent_logits.argmax(dim=1)
                     child_pred = child_logits.argmax(dim=1)
-                    broken = (getattr(self, f"_parent_{level}")[child_pred] != parent_pred).float()
+                    # .to() is a no-op when the loss was moved with the model; it makes CPU-held logits (evaluation)
+                    # and GPU logits both work whatever device the buffers are on.
+                    parent_of = getattr(self, f"_parent_{level}").to(child_pred.device)
+                    broken = (parent_of[child_pred] != parent_pred).float()
                     # e^D − 1 is 0 for a consistent pair and e − 1 for a broken one; mean over the batch.
                     term = term + torch.expm1(broken).sum() / max(batch, 1)
             else:  # soft: probability mass on forbidden (parent, child) pairs, in float32 even under autocast
                 parent_prob = torch.softmax(parent_logits.float(), dim=1)
                 child_prob = torch.softmax(child_logits.float(), dim=1)
-                forbidden = getattr(self, f"_forbidden_{level}").to(parent_prob.dtype)  # survives module.half()
+                forbidden = getattr(self, f"_forbidden_{level}").to(parent_prob.device, parent_prob.dtype)
                 mass = ((parent_prob @ forbidden) * child_prob).sum(dim=1)
                 term = term + mass.sum() / max(batch, 1)
         return term

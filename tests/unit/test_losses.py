@@ -196,3 +196,14 @@ def test_low_precision_logits_give_a_float32_loss_close_to_full_precision(two_ra
 def test_build_loss_from_config(two_ranks: Taxonomy) -> None:
     loss = build_loss(LossConfig(alpha=0.3, dependency="soft"), two_ranks)
     assert (loss.alpha, loss.dependency) == (0.3, "soft")
+
+
+@pytest.mark.parametrize("dependency", ["paper", "soft"])
+def test_logits_on_another_device_than_the_loss_buffers(dependency: str) -> None:
+    """Training moves logits to the GPU while evaluation hands CPU tensors to the same loss: the taxonomy tables must
+    follow the logits (the ``meta`` device stands in for a GPU here; before the fix this raised on an H100)."""
+    taxonomy = Taxonomy.demo()
+    loss_fn = HierarchicalLoss(taxonomy, dependency=dependency)  # buffers stay on the CPU
+    logits = {r: torch.randn(4, taxonomy.num_classes(r), device="meta") for r in taxonomy.ranks}
+    parts = loss_fn(logits, torch.zeros(4, taxonomy.depth, dtype=torch.long, device="meta"))
+    assert parts["loss"].device.type == "meta" and parts["dependency"].shape == ()

@@ -117,7 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = engine.build_optimizer(model, config.optim)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    loss_fn = HierarchicalLoss(taxonomy, alpha=config.loss.alpha, dependency=config.loss.dependency)
+    loss_fn = HierarchicalLoss(taxonomy, alpha=config.loss.alpha, dependency=config.loss.dependency).to(device)
     spec = TransformSpec.from_config(config.data)
     train_collate = Collator(taxonomy, spec, train=config.data.augment, threads=config.train.loader_threads)
     eval_collate = Collator(taxonomy, spec, train=False, threads=config.train.loader_threads)
