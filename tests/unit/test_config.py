@@ -112,3 +112,21 @@ def test_configs_are_frozen() -> None:
     config = load_config("demo")
     with pytest.raises(AttributeError):
         config.optim.epochs = 5  # type: ignore[misc]
+
+
+def test_learning_rate_schedules_are_pure_functions_of_the_epoch() -> None:
+    from taxonet.engine import learning_rate
+
+    def rates(schedule: str, epochs: int = 10) -> list[float]:
+        optim = load_config("demo", {"optim.schedule": schedule, "optim.epochs": epochs, "optim.lr": 1e-3}).optim
+        return [learning_rate(optim, e) for e in range(epochs)]
+
+    assert rates("constant") == [1e-3] * 10
+    cosine = rates("cosine")
+    assert cosine[0] == pytest.approx(1e-3) and all(a > b > 0 for a, b in zip(cosine, cosine[1:]))
+    onecycle = rates("onecycle")  # warm-up over 3 epochs from lr/25, peak at epoch 3, then decay
+    assert onecycle[0] == pytest.approx(4e-5) and onecycle[3] == pytest.approx(1e-3) == max(onecycle)
+    assert all(a < b for a, b in zip(onecycle[:3], onecycle[1:4]))
+    assert all(a > b > 0 for a, b in zip(onecycle[3:], onecycle[4:]))
+    with pytest.raises(ConfigError, match="onecycle"):
+        load_config("demo", {"optim.schedule": "step"})
