@@ -68,8 +68,9 @@ def test_train_learns_checkpoints_to_s3_and_resumes(ray_local, s3_dataset, s3_bu
     assert best.transform.input_size == 32
     assert "train_state.pt" not in best.manifest["files"]
 
-    # same run name, one more epoch: resumes from the latest checkpoint instead of restarting
-    second = run_training(_config(s3_dataset, storage, "learn", epochs=5))
+    # same run name, one more epoch: resumes from the latest checkpoint instead of restarting. The first run kept
+    # the small splits in the object store (data.cache=auto); this one streams them from S3 every epoch.
+    second = run_training(_config(s3_dataset, storage, "learn", epochs=5, **{"data.cache": "never"}))
     assert second.resumed_from_epoch == 4
     assert [h["epoch"] for h in second.history] == [0, 1, 2, 3, 4]
     history = json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key="runs/learn/history.json")["Body"]
@@ -96,3 +97,14 @@ def test_missing_dataset_is_a_clear_error(ray_local, s3_bucket, tmp_path):
 
     with pytest.raises(DatasetError, match="dataset.json"):
         run_training(_config(f"s3://{s3_bucket}/nothing-here", str(tmp_path), "missing", epochs=1))
+
+
+def test_split_caching_follows_the_object_store_size(ray_local):
+    import ray
+
+    from taxonet.train.ray_trainer import _cache_split
+
+    capacity = ray.cluster_resources()["object_store_memory"]
+    assert _cache_split("auto", 1_000_000)
+    assert not _cache_split("auto", int(capacity))  # a split as big as the whole store streams
+    assert _cache_split("always", 10**15) and not _cache_split("never", 1)
