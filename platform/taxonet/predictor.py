@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from taxonet.data.transforms import (DEFAULT_MAX_PIXELS, ImageDecodeError, TransformSpec, build_eval_transform,
-                                     decode_image)
+from taxonet.data.transforms import (DEFAULT_MAX_PIXELS, ImageDecodeError, TransformSpec, build_eval_resize,
+                                     decode_image, normalize_uint8)
 from taxonet.taxonomy import Taxonomy
 
 #: the image formats the serving contract accepts, by their leading bytes (the Content-Type header can lie)
@@ -111,7 +111,7 @@ class Preprocessor:
         self.spec = spec
         self.max_pixels = int(max_pixels)
         self.allowed_formats = tuple(allowed_formats) if allowed_formats else None
-        self._transform = build_eval_transform(spec)
+        self._resize = build_eval_resize(spec)
         # JPEG draft decoding at twice the input size: DCT scaling makes big photos several times cheaper to decode,
         # and keeping 2× headroom leaves the final antialiased resize (and so the pixels) close to a full decode.
         self._draft_size = 2 * spec.input_size
@@ -132,9 +132,13 @@ class Preprocessor:
     def __call__(self, data: bytes) -> torch.Tensor:
         # the sniffer knows every format decode_image accepts (MPO, the phones' multi-picture JPEG, sniffs as JPEG);
         # anything it does not know is refused by the decoder itself
+        return normalize_uint8(self.decode_uint8(data), self.spec)
+
+    def decode_uint8(self, data: bytes) -> torch.Tensor:
+        """Bytes → resized uint8 [3, S, S], the same checks; :meth:`Predictor.predict_tensors` normalises it."""
         self.check_format(data)
         image = decode_image(data, max_pixels=self.max_pixels, draft_size=self._draft_size)
-        return self._transform(image)
+        return self._resize(image)
 
 
 def spec_key(spec: TransformSpec) -> str:
@@ -239,6 +243,8 @@ class Predictor:
     def _launch(self, batch: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
         """Start the forward pass; on CUDA it runs asynchronously and the logits are copied back without blocking."""
         images = batch.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:  # resized pixels from Preprocessor.decode_uint8: normalise on the device
+            images = normalize_uint8(images, self.transform)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(self.device, self.amp):
@@ -259,7 +265,8 @@ class Predictor:
         return {rank: values.numpy() for rank, values in host.items()}
 
     def predict_tensors(self, batch: torch.Tensor) -> list[dict[str, Any]]:
-        """Answers for a preprocessed batch [N, 3, S, S] (or one image [3, S, S])."""
+        """Answers for a preprocessed batch [N, 3, S, S] (or one image [3, S, S]): float32 from :meth:`preprocess`,
+        or uint8 from ``preprocessor.decode_uint8`` (normalised here, on the model's device)."""
         return self.answers(self.logits(self._check_batch(batch)))
 
     @staticmethod

@@ -177,3 +177,20 @@ def test_describe_names_the_model(predictor: Predictor, checkpoint: Path) -> Non
     assert info["name"] == "quick" and info["version"]
     assert info["transform"]["input_size"] == 32 and info["thresholds"] is True
     assert info["ranks"] == ["order", "family", "species"]
+
+
+def test_uint8_pixels_give_the_float_paths_answers(predictor: Predictor, insect_images: list) -> None:
+    """The ingress ships resized uint8 pixels (a quarter of the bytes) and the classifier normalises the batch: the
+    tensors, logits and answers are those of the float eval transform, exactly."""
+    import torch
+
+    data = [encode(image) for _, image in insect_images][:6]
+    pixels = torch.stack([predictor.preprocessor.decode_uint8(d) for d in data])
+    floats = torch.stack([predictor.preprocess(d) for d in data])
+    assert pixels.dtype == torch.uint8 and pixels.shape == floats.shape
+    from taxonet.data.transforms import normalize_uint8
+
+    assert torch.equal(normalize_uint8(pixels, predictor.transform), floats)
+    for rank, values in predictor.logits(pixels).items():
+        assert np.array_equal(values, predictor.logits(floats)[rank])
+    assert predictor.predict_tensors(pixels) == predictor.predict_tensors(floats)

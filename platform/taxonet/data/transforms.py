@@ -142,17 +142,37 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def build_eval_transform(spec: TransformSpec) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize to ``input_size`` × ``input_size`` (bilinear) and normalise. Used by evaluation and serving."""
-    normalize = _normalize(spec)
+def build_eval_resize(spec: TransformSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """The eval transform up to the pixels: RGB, resized to ``input_size`` × ``input_size`` (bilinear), as uint8
+    [3, S, S] — a quarter of the float tensor's bytes, for shipping images between processes (serving)."""
+    import numpy as np
+
     size = (spec.input_size, spec.input_size)
 
-    def transform(image: Image.Image) -> torch.Tensor:
+    def resize(image: Image.Image) -> torch.Tensor:
         if image.mode != "RGB":
             image = _to_rgb(image)
         if image.size != size:
             image = image.resize(size, Image.BILINEAR, reducing_gap=3.0)
-        return normalize(pil_to_tensor(image))
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    return resize
+
+
+def normalize_uint8(batch: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
+    """uint8 [..., 3, S, S] from :func:`build_eval_resize` → the eval transform's float32 tensor, on the batch's
+    device (the same operations as :func:`pil_to_tensor` + normalisation, so the values are identical)."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=batch.device).view(3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=batch.device).view(3, 1, 1)
+    return (batch.float().div_(255.0) - mean) / std
+
+
+def build_eval_transform(spec: TransformSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize to ``input_size`` × ``input_size`` (bilinear) and normalise. Used by evaluation and serving."""
+    resize, normalize = build_eval_resize(spec), _normalize(spec)
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        return normalize(resize(image).float().div_(255.0))  # = normalize_uint8, without rebuilding mean/std
 
     return transform
 
