@@ -149,7 +149,7 @@ def build_floor_app() -> Any:
         async def classify(self, item: Any) -> dict[str, int]:
             return await self.run(item)
 
-    @serve.deployment(name="FloorIngress", ray_actor_options={"num_cpus": 0})
+    @serve.deployment(name="FloorIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
     class FloorIngress:
         def __init__(self, model: Any) -> None:
             self.model = model
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=128, help="for the default checkpoint: input px (default: 128)")
     parser.add_argument("--image-side", type=int, default=128, help="side of the JPEGs sent (default: 128)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait-s", type=float, default=0.005,
+                        help="Serve's batch_wait_timeout_s: how long a batch waits to fill (default: 0.005)")
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
     parser.add_argument("--threads", type=int, default=1,
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         # from num_cpus); the ingress and the proxy share the rest with the load generator
         serve.run(app_builder({
             "checkpoint": str(checkpoint), "device": "cpu", "max_batch_size": args.batch_size,
-            "batch_wait_timeout_s": 0.005,
+            "batch_wait_timeout_s": args.batch_wait_s,
             "ingress": {"num_cpus": 0, "autoscaling": None, "num_replicas": 1},
             "classifier": {"num_cpus": args.threads, "autoscaling": None, "num_replicas": 1,
                            "max_ongoing_requests": max(64, args.batch_size)},
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     best = max(result["img_per_s"] for _, result in rows)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; load average "
           f"{os.getloadavg()[0]:.1f}; {args.backbone} at {args.size} px, JPEGs of {args.image_side} px, "
-          f"batch {args.batch_size}, {args.threads} torch thread(s)")
+          f"batch {args.batch_size} (Serve waits up to {args.batch_wait_s * 1000:g} ms to fill one), "
+          f"{args.threads} torch thread(s)")
     print(f"in-process predictor: {baseline:,.1f} img/s (before {before:,.1f}, after {after:,.1f})\n")
     print("| clients | HTTP img/s | p50 ms | p99 ms | errors | ratio to in-process | no-op Serve app req/s |\n"
           "|---|---|---|---|---|---|---|")
