@@ -32,4 +32,7 @@ def init(address: str | None = None, num_cpus: int | None = None, **kwargs: obje
         return
     local_defaults()
     log.info("starting an embedded local Ray (%s CPUs)", num_cpus or "all")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    # The dashboard (on loopback) serves Ray's state API, which Ray Train's placement-group cleaner polls: without
+    # it every training run logs "Failed to query Ray Train Controller actor state" every few seconds.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             **kwargs)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -170,8 +171,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics["val_loss"] = val_loss
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
         if rank == 0:
-            # print, not log: Ray forwards worker stdout to the driver, so `taxonet train` shows progress per epoch
-            print(f"taxonet train: epoch {epoch + 1}/{config.optim.epochs} {_summary(metrics, taxonomy)}", flush=True)
+            # stdout, not log: Ray forwards worker stdout to the driver, so `taxonet train` shows progress per epoch.
+            # Not print(): Ray Train patches print in its workers to log the line too, and it showed twice.
+            sys.stdout.write(f"taxonet train: epoch {epoch + 1}/{config.optim.epochs} "
+                             f"{_summary(metrics, taxonomy)}\n")
+            sys.stdout.flush()
             with tempfile.TemporaryDirectory(prefix="taxonet-ckpt-") as tmp:
                 save_checkpoint(tmp, model, taxonomy, config, spec, metrics=metrics, train_state={
                     "epoch": epoch, "best_loss": best_loss, "optimizer": optimizer.state_dict(),
@@ -247,6 +251,7 @@ def run_training(config: Any, *, taxonomy: Any | None = None, fail_once: str | N
     ``fail_once="EPOCH:MARKER_FILE"`` injects one worker crash (fault-tolerance drills and tests).
     """
     import ray
+    import ray.data
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -262,6 +267,8 @@ def run_training(config: Any, *, taxonomy: Any | None = None, fail_once: str | N
     taxonomy = taxonomy or info.taxonomy
     # Reading is light (decode happens in the workers' Collator): a fractional CPU per read task lets reads run even
     # when the training workers hold every CPU of a node.
+    # one progress bar per split and epoch from Ray Data's coordinators drowns the per-epoch summary lines
+    ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("TAXONET_DATA_PROGRESS"))
     datasets = {}
     for name, split in (("train", config.data.train_split), ("val", config.data.val_split)):
         dataset = read_split(config.data.dataset, split, num_cpus=0.25)
