@@ -59,18 +59,32 @@ def _storage_for_ray(uri: str) -> tuple[str, Any]:
     return local, None
 
 
-def _maybe_inject_failure(epoch: int, spec: str | None, last_report_at: float | None = None) -> None:
+def _checkpoint_registered(run_uri: str, epoch: int) -> bool:
+    """Whether Ray Train's controller has registered the checkpoint reported for ``epoch``: it records every
+    registered checkpoint, with its metrics, in ``checkpoint_manager_snapshot.json`` in the run directory."""
+    from taxonet import storage
+
+    try:
+        snapshot = json.loads(storage.read_bytes(_join(run_uri, "checkpoint_manager_snapshot.json")))
+    except Exception:  # not written yet (or being replaced): not registered as far as we can tell
+        return False
+    return any((result.get("metrics") or {}).get("epoch") == epoch
+               for result in snapshot.get("checkpoint_results", []))
+
+
+def _maybe_inject_failure(epoch: int, spec: str | None, run_uri: str | None = None) -> None:
     spec = spec or os.environ.get(FAIL_ONCE_ENV)
     if not spec:
         return
     at, marker = spec.split(":", 1)
     if epoch == int(at) and not os.path.exists(marker):
         # Ray Train registers a reported checkpoint when its controller next polls the workers (every
-        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default): a crash inside that window also loses the epoch just
-        # reported. The drill tests the guarantee for a crash mid-epoch, so it waits that window out first.
-        if last_report_at is not None:
-            interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
-            time.sleep(max(0.0, 2.5 * interval - (time.monotonic() - last_report_at)))
+        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default, later on a loaded machine): a crash before that also
+        # loses the epoch just reported. The drill tests the guarantee for a crash mid-epoch, so it waits until the
+        # previous epoch's checkpoint is registered (at most a minute) before crashing.
+        deadline = time.monotonic() + 60.0
+        while run_uri and epoch > 0 and not _checkpoint_registered(run_uri, epoch - 1) and time.monotonic() < deadline:
+            time.sleep(0.2)
         Path(marker).write_text(f"failed at epoch {epoch}\n")
         log.error("injected failure at epoch %d (%s)", epoch, FAIL_ONCE_ENV)
         os._exit(1)  # a hard crash, as an OOM kill or a lost node would look to Ray
@@ -137,12 +151,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for raw in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2, **kwargs):
             yield collate(raw)
 
-    last_report_at: float | None = None
     for epoch in range(start_epoch, config.optim.epochs):
         engine.set_learning_rate(optimizer, engine.learning_rate(config.optim, epoch))
         # a drill crash hits worker 0 mid-epoch (after its second step), as a real failure would
         on_step = (lambda step, epoch=epoch: _maybe_inject_failure(epoch, loop_config.get("fail_once"),
-                                                                   last_report_at)
+                                                                   loop_config.get("run_uri"))
                    if step == 2 else None) if rank == 0 else None
         metrics = engine.train_one_epoch(model, batches("train", train_collate, epoch), loss_fn, optimizer, device,
                                          taxonomy, amp=config.train.amp, channels_last=config.train.channels_last,
@@ -184,7 +197,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
-        last_report_at = time.monotonic()
 
 
 def _summary(metrics: dict[str, Any], taxonomy: Any) -> str:
@@ -282,7 +294,8 @@ def run_training(config: Any, *, taxonomy: Any | None = None, fail_once: str | N
         resources["GPU"] = config.train.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "taxonomy": taxonomy.to_dict(), "fail_once": fail_once},
+        train_loop_config={"config": config.to_dict(), "taxonomy": taxonomy.to_dict(), "fail_once": fail_once,
+                           "run_uri": run_uri},
         scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
