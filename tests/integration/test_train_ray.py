@@ -53,7 +53,8 @@ def test_train_learns_checkpoints_to_s3_and_resumes(ray_local, s3_dataset, s3_bu
     curve = [(h["epoch"], round(h["train_loss"], 3), round(h["val_loss"], 3), round(h["val_order_f1"], 3),
               round(h["val_species_f1"], 3)) for h in first.history]
     # (the best epoch by validation loss need not be the one with the best F1, and 2-worker data order varies from
-    # run to run: judge the run by its best epoch per metric; measured 0.66–0.85 order, 0.31–0.45 species)
+    # run to run: judge the run by its best epoch per metric; one CI run: best-loss epoch order 0.664, species
+    # 0.243, best per metric 0.672 and 0.41)
     assert max(h["val_order_f1"] for h in first.history) >= 0.6, curve
     assert max(h["val_species_f1"] for h in first.history) >= 0.3, curve
     assert first.metrics["val_order_f1"] >= 0.45, curve  # the published (best-loss) epoch is well above chance too
