@@ -8,6 +8,7 @@ Overrides are ``section.key=value`` strings whose values are parsed as YAML (``t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -60,6 +61,9 @@ class LossConfig:
     alpha: float = 0.5
     #: "paper" (argmax-based, no gradient, batch mean), "soft" (differentiable forbidden mass) or "none"
     dependency: str = "paper"
+    #: weight λ of the outlier-exposure term on partially labelled samples (0 = the paper's loss); see
+    #: taxonet.losses. Only for datasets whose partial labels are insects outside the class lists (bycatch).
+    outlier_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"loss.alpha must be in [0, 1], got {config.loss.alpha}")
     if config.loss.dependency not in ("paper", "soft", "none"):
         raise ConfigError(f"loss.dependency must be paper, soft or none, got {config.loss.dependency!r}")
+    if not (config.loss.outlier_weight >= 0.0 and math.isfinite(config.loss.outlier_weight)):
+        raise ConfigError(f"loss.outlier_weight must be a finite number >= 0, got {config.loss.outlier_weight}")
     if config.data.cache not in ("auto", "always", "never"):
         raise ConfigError(f"data.cache must be auto, always or never, got {config.data.cache!r}")
     if config.optim.schedule not in ("constant", "cosine", "onecycle"):

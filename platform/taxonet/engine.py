@@ -269,13 +269,13 @@ def fit(
     """
     from taxonet.checkpoint import add_thresholds, save_checkpoint
     from taxonet.data.transforms import TransformSpec
-    from taxonet.losses import HierarchicalLoss
+    from taxonet.losses import build_loss
     from taxonet.models import build_model
 
     set_seed(config.train.seed)
     device = resolve_device(device)
     model = (model or build_model(config.model, taxonomy)).to(device)
-    loss_fn = HierarchicalLoss(taxonomy, alpha=config.loss.alpha, dependency=config.loss.dependency).to(device)
+    loss_fn = build_loss(config.loss, taxonomy).to(device)
     optimizer = build_optimizer(model, config.optim)
     transform = TransformSpec.from_config(config.data)
     out_dir = Path(out_dir)

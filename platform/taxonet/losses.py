@@ -26,6 +26,22 @@ Dependency term, ``dependency="soft"`` (taxonet)
 
 ``dependency="none"``: the term is 0 and L = α · Σ_l CE, so the gradients equal those of the paper variant.
 
+Outlier exposure, ``outlier_weight=λ > 0`` (taxonet; off by default, which is the paper's loss)
+    A sample labelled down to some rank but unspecified below it (known to family, species unspecified) is read as
+    an insect *outside* the lower ranks' class lists — bycatch of a known family that is none of its modelled
+    species. For every rank l ≥ 1 at which a sample is such an outlier (label unspecified at l, specified at the top
+    rank), the loss adds λ times the cross-entropy from the uniform distribution over rank l's classes,
+    −(1/K_l) Σ_k log softmax(z_l)_k, averaged over the outliers of the batch (Hendrycks et al. 2019, "Deep anomaly
+    detection with outlier exposure"), summed over ranks:
+
+        L = α · Σ_l CE_l + (1 − α) · dependency + λ · Σ_{l≥1} OE_l
+
+    It teaches each head to spread, and so lower, its logits on insects that belong to none of its classes, which is
+    what the per-class max-logit thresholds of ``taxonet.anomaly`` then flag as unsure: on synthetic insects it took
+    unseen species of known families from 2-6% to 59-99% "unsure at species", by recipe and seed (docs/evaluation.md).
+    The higher ranks' CE still trains on those samples. Use it only when partial labels mean "outside the list", not "not identified
+    further": for a known species left unidentified, the term would teach the head to doubt its own class.
+
 Unspecified labels and the dependency term: both variants look only at the predictions, never at the labels, so
 they are computed over ALL samples of the batch, including partially labelled ones — an inconsistent prediction
 chain is a flaw of the model whatever the sample's label.
@@ -36,6 +52,7 @@ over the present ranks; the dependency term only over adjacent pairs that are bo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -55,16 +72,21 @@ DEPENDENCIES = ("paper", "soft", "none")
 class HierarchicalLoss(nn.Module):
     """α · Σ_l CE_l + (1 − α) · dependency term; see the module docstring for the exact definitions."""
 
-    def __init__(self, taxonomy: "Taxonomy", alpha: float = 0.5, dependency: str = "paper") -> None:
+    def __init__(self, taxonomy: "Taxonomy", alpha: float = 0.5, dependency: str = "paper",
+                 outlier_weight: float = 0.0) -> None:
         super().__init__()
         if dependency not in DEPENDENCIES:
             raise ValueError(f"dependency must be one of {list(DEPENDENCIES)}, got {dependency!r}")
         alpha = float(alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        outlier_weight = float(outlier_weight)
+        if not (outlier_weight >= 0.0 and math.isfinite(outlier_weight)):
+            raise ValueError(f"outlier_weight must be a finite number >= 0, got {outlier_weight}")
         self.taxonomy = taxonomy
         self.alpha = alpha
         self.dependency = dependency
+        self.outlier_weight = outlier_weight
         # Buffers follow the module to the GPU with .to(device); not persistent, they are derived from the taxonomy.
         for level in range(1, taxonomy.depth):
             parent = torch.as_tensor(taxonomy.parent_table(level), dtype=torch.long)
@@ -73,7 +95,8 @@ class HierarchicalLoss(nn.Module):
             self.register_buffer(f"_forbidden_{level}", forbidden, persistent=False)
 
     def extra_repr(self) -> str:
-        return f"ranks={list(self.taxonomy.ranks)}, alpha={self.alpha}, dependency={self.dependency!r}"
+        text = f"ranks={list(self.taxonomy.ranks)}, alpha={self.alpha}, dependency={self.dependency!r}"
+        return text + (f", outlier_weight={self.outlier_weight}" if self.outlier_weight else "")
 
     def forward(self, logits: Mapping[str, torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """``logits``: {rank: [N, n_rank]} for some or all ranks; ``targets``: int [N, depth], −1 = unspecified."""
@@ -87,7 +110,11 @@ class HierarchicalLoss(nn.Module):
             ce_total = ce if ce_total is None else ce_total + ce
         dependency = self._dependency_term(logits, dict(levels))
         loss = self.alpha * ce_total + (1.0 - self.alpha) * dependency
-        return {"loss": loss, "ce": ce_total, **parts, "dependency": dependency}
+        if not self.outlier_weight:
+            return {"loss": loss, "ce": ce_total, **parts, "dependency": dependency}
+        outlier = self._outlier_term(logits, targets, levels)
+        loss = loss + self.outlier_weight * outlier
+        return {"loss": loss, "ce": ce_total, **parts, "dependency": dependency, "outlier": outlier}
 
     # ------------------------------------------------------------------ internals
     def _check(self, logits: Mapping[str, torch.Tensor], targets: torch.Tensor) -> list[tuple[int, str]]:
@@ -110,6 +137,20 @@ class HierarchicalLoss(nn.Module):
             if shape != expected:
                 raise ValueError(f"logits[{rank!r}] has shape {shape}, expected {expected} (N, classes at {rank})")
         return levels
+
+    def _outlier_term(self, logits: Mapping[str, torch.Tensor], targets: torch.Tensor,
+                      levels: list[tuple[int, str]]) -> torch.Tensor:
+        """Σ over ranks l ≥ 1 of the mean CE-to-uniform of rank l's outliers (0 where a batch has none)."""
+        reference = logits[levels[0][1]]
+        term = reference.new_zeros((), dtype=torch.float32)
+        labelled = targets[:, 0] != UNSPECIFIED  # a sample with no label at all is not evidence of anything
+        for level, rank in levels:
+            if level == 0:
+                continue
+            outlier = (labelled & (targets[:, level] == UNSPECIFIED)).to(torch.float32)
+            to_uniform = -torch.log_softmax(logits[rank].float(), dim=1).mean(dim=1)
+            term = term + (to_uniform * outlier).sum() / outlier.sum().clamp(min=1.0)
+        return term
 
     def _dependency_term(self, logits: Mapping[str, torch.Tensor], present: dict[int, str]) -> torch.Tensor:
         reference = next(iter(logits.values()))
@@ -148,5 +189,6 @@ def _masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.T
 
 
 def build_loss(config: "LossConfig", taxonomy: "Taxonomy") -> HierarchicalLoss:
-    """Loss from a ``LossConfig`` (``alpha``, ``dependency``)."""
-    return HierarchicalLoss(taxonomy, alpha=config.alpha, dependency=config.dependency)
+    """Loss from a ``LossConfig`` (``alpha``, ``dependency``, ``outlier_weight``)."""
+    return HierarchicalLoss(taxonomy, alpha=config.alpha, dependency=config.dependency,
+                            outlier_weight=config.outlier_weight)

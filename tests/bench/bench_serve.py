@@ -92,8 +92,30 @@ def in_process(checkpoint: Path, jpegs: list[bytes], batch_size: int, seconds: f
     return done / (time.perf_counter() - start)
 
 
-def http_load(port: int, path: str, jpegs: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
-    """``concurrency`` keep-alive clients posting one JPEG per request for ``seconds``; latencies of 200s only."""
+_BOUNDARY = "taxonet-bench-boundary"
+
+
+def multipart_bodies(jpegs: list[bytes], per_request: int) -> list[bytes]:
+    """``multipart/form-data`` bodies of ``per_request`` JPEGs each (parts named ``files``), cycling through
+    ``jpegs``: what a camera's uploader sends when it posts its crops in groups."""
+    bodies = []
+    for start in range(0, len(jpegs), per_request):
+        parts = []
+        for offset in range(per_request):
+            data = jpegs[(start + offset) % len(jpegs)]
+            parts.append(f"--{_BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; "
+                         f"filename=\"{start + offset}.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n".encode() + data
+                         + b"\r\n")
+        bodies.append(b"".join(parts) + f"--{_BOUNDARY}--\r\n".encode())
+    return bodies
+
+
+def http_load(port: int, path: str, jpegs: list[bytes], concurrency: int, seconds: float,
+              per_request: int = 1) -> dict[str, Any]:
+    """``concurrency`` keep-alive clients posting ``per_request`` JPEGs per request (one as the raw body, several as
+    multipart) for ``seconds``; latencies of 200s only, per request; ``img_per_s`` counts images."""
+    bodies = jpegs if per_request == 1 else multipart_bodies(jpegs, per_request)
+    content_type = "image/jpeg" if per_request == 1 else f"multipart/form-data; boundary={_BOUNDARY}"
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -103,11 +125,11 @@ def http_load(port: int, path: str, jpegs: list[bytes], concurrency: int, second
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         mine, bad, index = [], [], seed
         while time.perf_counter() < deadline:
-            body = jpegs[index % len(jpegs)]
+            body = bodies[index % len(bodies)]
             index += concurrency
             start = time.perf_counter()
             try:
-                connection.request("POST", path, body=body, headers={"content-type": "image/jpeg"})
+                connection.request("POST", path, body=body, headers={"content-type": content_type})
                 response = connection.getresponse()
                 response.read()
                 if response.status == 200:
@@ -132,7 +154,7 @@ def http_load(port: int, path: str, jpegs: list[bytes], concurrency: int, second
     elapsed = time.perf_counter() - start
     if not latencies:
         return {"img_per_s": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"), "requests": 0, "errors": errors}
-    return {"img_per_s": len(latencies) / elapsed, "p50_ms": 1000 * statistics.median(latencies),
+    return {"img_per_s": len(latencies) * per_request / elapsed, "p50_ms": 1000 * statistics.median(latencies),
             "p99_ms": 1000 * float(np.percentile(latencies, 99)), "requests": len(latencies), "errors": errors}
 
 
@@ -172,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="Serve's batch_wait_timeout_s: how long a batch waits to fill (default: 0.005)")
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
+    parser.add_argument("--images-per-request", type=int, default=1,
+                        help="JPEGs per request: 1 = raw body (default), more = one multipart request of that many "
+                             "(an uploader posting its crops in groups); Serve still batches them per image")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the in-process predictor = CPUs (and so OMP threads) of the "
                              "classifier replica (default: 1; on a small shared machine more threads oversubscribe)")
@@ -208,10 +233,12 @@ def main(argv: list[str] | None = None) -> None:
             "classifier": {"num_cpus": args.threads, "autoscaling": None, "num_replicas": 1,
                            "max_ongoing_requests": max(64, args.batch_size)},
         }), name="bench", route_prefix="/")
-        http_load(port, "/v1/classify", jpegs, 4, 3.0)  # warm-up
+        if not 1 <= args.images_per_request <= 32:
+            parser.error("--images-per-request must be in 1..32 (the app's default max_files)")
+        http_load(port, "/v1/classify", jpegs, 4, 3.0, args.images_per_request)  # warm-up
         rows = []
         for concurrency in (int(c) for c in args.concurrency.split(",")):
-            result = http_load(port, "/v1/classify", jpegs, concurrency, args.seconds)
+            result = http_load(port, "/v1/classify", jpegs, concurrency, args.seconds, args.images_per_request)
             rows.append((concurrency, result))
             print(f"HTTP concurrency {concurrency:>3}: {result['img_per_s']:,.1f} img/s  p50 {result['p50_ms']:.1f} ms"
                   f"  p99 {result['p99_ms']:.1f} ms  ({result['requests']} requests, "
@@ -230,9 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; load average "
           f"{os.getloadavg()[0]:.1f}; {args.backbone} at {args.size} px, JPEGs of {args.image_side} px, "
           f"batch {args.batch_size} (Serve waits up to {args.batch_wait_s * 1000:g} ms to fill one), "
-          f"{args.threads} torch thread(s)")
+          f"{args.threads} torch thread(s), {args.images_per_request} image(s) per request")
     print(f"in-process predictor: {baseline:,.1f} img/s (before {before:,.1f}, after {after:,.1f})\n")
-    print("| clients | HTTP img/s | p50 ms | p99 ms | errors | ratio to in-process | no-op Serve app req/s |\n"
+    print("| clients | HTTP img/s | p50 ms per request | p99 ms | errors | ratio to in-process | no-op Serve app req/s |\n"
           "|---|---|---|---|---|---|---|")
     for concurrency, result in rows:
         print(f"| {concurrency} | {result['img_per_s']:,.1f} | {result['p50_ms']:.1f} | {result['p99_ms']:.1f} | "

@@ -76,3 +76,20 @@ def test_synth_writes_known_and_unseen_datasets(tmp_path: Path, capsys: pytest.C
     # a second run refuses to overwrite without --overwrite
     assert main(["data", "synth", str(dst), "--per-species", "5", "--image-size", "32"]) == 2
     assert "already holds a dataset" in capsys.readouterr().err
+
+
+def test_synth_adds_bycatch_labelled_to_family_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dst = tmp_path / "synthetic"
+    code = main(["data", "synth", str(dst), "--per-species", "6", "--image-size", "32", "--unseen-per-family", "0",
+                 "--outliers-per-family", "2", "--seed", "1"])
+    assert code == 0
+    info = DatasetInfo.load(str(dst))
+    demo = Taxonomy.demo()
+    assert info.taxonomy == demo  # bycatch names never enter the taxonomy: their labels stop at the family
+    assert info.verify()["rows"] == 9 * 6 + 5 * 2 * 3  # 2 bycatch species per family, 6 // 2 images each
+    assert sum(info.counts["unspecified"]["species"].values()) == 30
+    assert not info.counts["unspecified"].get("family")
+    chains = info.metadata["outlier_species"]
+    assert len(chains) == 10 and all(c[2].startswith(f"{c[1]} bycatch ") for c in chains)
+    assert main(["data", "synth", str(tmp_path / "bad"), "--outliers-per-family", "-1"]) == 2
+    assert "--outliers-per-family must be a non-negative integer" in capsys.readouterr().err

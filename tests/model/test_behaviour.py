@@ -1,19 +1,24 @@
-"""Behaviour: a small backbone trained with the paper's recipe on synthetic insects learns every rank, and unseen
-species of known families keep their family and order (METHOD.md, issue 2).
+"""Behaviour: a small backbone trained on synthetic insects learns every rank, and unseen species of known families
+are "unsure" at species while keeping their family and order (METHOD.md, issue 2).
 
-Plain PyTorch (``taxonet.engine``), CPU, 48 px images. Tree: 3 orders, 4 families, 3 species per family (12 species;
+Plain PyTorch (``taxonet.engine``), CPU, 40 px images. Tree: 3 orders, 4 families, 3 species per family (12 species;
 the issue asks for >= 9 in >= 4 families and >= 3 orders). Every family has several species on purpose: in the demo
 tree three families hold a single species, which a network tells apart by family traits alone, so its marks are
-never learnt and an unseen sibling cannot look new. Recipe: small_cnn, Adam 3e-3 with a cosine decay, 20 epochs,
-120 images per species, about 150 s on 2 idle cores.
+never learnt and an unseen sibling cannot look new. Recipe: small_cnn, Adam 3e-3 with a cosine decay, 30 epochs,
+120 images per species, and outlier exposure (``loss.outlier_weight`` 0.35): 5 "bycatch" species per family, 20
+images each, labelled to family only, wearing marks that known species of *other* families have — never the marks
+of the unseen species tested here (``SyntheticInsects.outlier_species``). About 3 minutes on 2 idle cores.
 
-Measured (2026-11-26, 2 cores): held-out macro-F1 order 1.00, family 1.00, species 0.92. Unseen species (one per
-family, with mark patterns no known species has): their family is predicted for ~0.9 of their images, but only
-5-20% are "unsure" at species rank (target >= 80%) and 8-25% get a correct lowest reliable rank (target >= 70%).
-The paper's max-logit test (tau = mu - 2 sigma per class) does not separate them: the winning species logit of an
-unseen image is as high as a known one's (AUROC 0.45-0.69), whatever the unseen pattern (tried all 14 kinds on a
-trained model: 0-77% unsure, most under 20%). Feature-space scores did better but not enough (Mahalanobis on the
-species head's hidden layer: AUROC 0.81). Those figures are printed, not asserted; see docs/evaluation.md.
+Why outlier exposure: with the paper's loss alone the winning species logit of an unseen image is as high as a known
+one's (max-logit AUROC 0.44-0.69; 6% unsure at species, 8% at a correct higher rank; docs/evaluation.md), so
+per-class thresholds cannot flag it. Trained to spread its species logits on bycatch, the species head keeps them
+low on marks it does not know, and the paper's thresholds (tau = mu - 2 sigma, unchanged) then work.
+
+Measured (2026-11-26, 2 CPU cores, seed 0, ~5 min): held-out macro-F1 order 1.00, family 1.00, species 0.961;
+unseen species 0.96 unsure at species, 0.93 at a correct lowest reliable rank; known species 0.05 unsure at species;
+max-logit AUROC 0.99. The issue suggests ~3 minutes: 100 images per species and 25 epochs (3.5 min) met the targets
+for this seed too (0.90 / 0.87, species F1 0.911) but over 8 seeds on a GPU averaged 0.73 / 0.68, so the test buys
+more data and epochs. Spread over seeds and the paper-loss baseline: docs/evaluation.md (tests/bench/unseen_probe.py).
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from taxonet.taxonomy import Taxonomy
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
-SIZE, PER_SPECIES, EPOCHS = 48, 120, 20
+SIZE, PER_SPECIES, EPOCHS = 44, 120, 30
 ORDERS, FAMILIES, SPECIES_PER_FAMILY = 3, 4, 3
+OUTLIERS_PER_FAMILY, PER_OUTLIER, OUTLIER_WEIGHT = 5, 20, 0.35
 
 
 def behaviour_taxonomy() -> Taxonomy:
@@ -47,10 +53,17 @@ def trained(tmp_path_factory):
     torch.set_num_threads(2)
     taxonomy = behaviour_taxonomy()
     config = load_config("demo", {"data.input_size": SIZE, "optim.epochs": EPOCHS, "model.backbone": "small_cnn",
-                                  "optim.lr": 3e-3, "optim.schedule": "cosine", "train.seed": 0})
+                                  "optim.lr": 3e-3, "optim.schedule": "cosine", "train.seed": 0,
+                                  "loss.outlier_weight": OUTLIER_WEIGHT})
     transform = build_eval_transform(TransformSpec.from_config(config.data))
     generator = SyntheticInsects(taxonomy, image_size=SIZE, seed=0)
-    train = engine.samples_to_tensors(generator.samples(PER_SPECIES), taxonomy, transform)
+    known_images, known_targets = engine.samples_to_tensors(generator.samples(PER_SPECIES), taxonomy, transform)
+    bycatch = list(generator.samples(PER_OUTLIER, chains=generator.outlier_species(OUTLIERS_PER_FAMILY),
+                                     start_index=50_000))
+    # labelled down to the family: the loss reads "species unspecified" as "none of the known species"
+    bycatch_targets = torch.tensor([taxonomy.encode(list(s.labels[:-1]) + [None]) for s in bycatch])
+    train = (torch.cat([known_images, torch.stack([transform(s.image) for s in bycatch])]),
+             torch.cat([known_targets, bycatch_targets]))
     val = engine.samples_to_tensors(generator.samples(20, start_index=10_000), taxonomy, transform)
     best = engine.fit(config, taxonomy,
                       lambda epoch: engine.tensor_batches(*train, 32, shuffle=epoch >= 0, seed=0, epoch=epoch),
@@ -83,7 +96,7 @@ def test_learns_every_rank_on_held_out_images(trained):
     assert (assessment.lowest_reliable_level == 2).mean() >= 0.8
 
 
-def test_unseen_species_keep_their_family_and_order(trained):
+def test_unseen_species_are_unsure_at_species_and_right_above(trained):
     taxonomy, generator, transform, checkpoint = trained
     chains = unseen_species(taxonomy, per_family=1, seed=0)
     assert len(chains) == FAMILIES
@@ -109,4 +122,9 @@ def test_unseen_species_keep_their_family_and_order(trained):
     # the family and order of an unseen species are still recognised (their traits are the real ancestors')
     assert (assessment.predictions[:, 1] == family).mean() >= 0.8, figures
     assert (assessment.predictions[:, 0] == order).mean() >= 0.9, figures
-    # Not asserted (see the module docstring): unsure_at_species >= 0.8 and correct_higher_rank >= 0.7.
+    # the issue's targets
+    assert unsure_at_species >= 0.8, figures
+    assert correct_higher_rank >= 0.7, figures
+    # and the thresholds did not get there by doubting everything: known species stay reliable at species
+    assert known_unsure <= 0.2, figures
+    assert separation >= 0.85, figures

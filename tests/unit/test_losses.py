@@ -207,3 +207,85 @@ def test_logits_on_another_device_than_the_loss_buffers(dependency: str) -> None
     logits = {r: torch.randn(4, taxonomy.num_classes(r), device="meta") for r in taxonomy.ranks}
     parts = loss_fn(logits, torch.zeros(4, taxonomy.depth, dtype=torch.long, device="meta"))
     assert parts["loss"].device.type == "meta" and parts["dependency"].shape == ()
+
+
+# Outlier exposure. In hand_batch, sample 2's species logits are (0, 0, ln 2): softmax (1/4, 1/4, 1/2), so its
+# CE from the uniform distribution is −(1/3)(ln 1/4 + ln 1/4 + ln 1/2) = (5/3)·ln 2.
+OE_SAMPLE_2 = 5.0 / 3.0 * math.log(2.0)
+OE_SAMPLE_1 = -(1.0 / 3.0) * (2 * (0.0 - math.log(2 + E)) + (1.0 - math.log(2 + E)))  # species logits (0, 1, 0)
+
+
+def test_outlier_term_is_the_ce_to_uniform_of_family_only_samples(two_ranks: Taxonomy) -> None:
+    logits, _ = hand_batch()
+    partial = torch.tensor([[0, 1], [1, -1]])  # sample 2: known to family, species outside the list
+    plain = HierarchicalLoss(two_ranks)(logits, partial)
+    out = HierarchicalLoss(two_ranks, outlier_weight=0.4)(logits, partial)
+    assert out["outlier"].item() == pytest.approx(OE_SAMPLE_2, rel=1e-6)
+    assert out["outlier"].item() == pytest.approx(1.155245, abs=1e-5)
+    assert out["loss"].item() == pytest.approx(plain["loss"].item() + 0.4 * OE_SAMPLE_2, rel=1e-6)
+    assert "outlier" not in plain  # off by default: the paper's loss, parts unchanged
+    # mean over the outliers of the batch: two outliers average their terms
+    both = HierarchicalLoss(two_ranks, outlier_weight=1.0)(logits, torch.tensor([[0, -1], [1, -1]]))
+    assert both["outlier"].item() == pytest.approx((OE_SAMPLE_1 + OE_SAMPLE_2) / 2, rel=1e-6)
+
+
+def test_outlier_term_needs_a_known_higher_rank_and_is_zero_without_outliers(two_ranks: Taxonomy) -> None:
+    logits, targets = hand_batch()
+    loss_fn = HierarchicalLoss(two_ranks, outlier_weight=1.0)
+    assert loss_fn(logits, targets)["outlier"].item() == 0.0  # fully labelled batch
+    # a sample with no label at all is not evidence of anything: no outlier term, no NaN
+    assert loss_fn(logits, torch.full((2, 2), -1))["outlier"].item() == 0.0
+
+
+def test_outlier_gradient_flattens_the_head_on_outliers_only(two_ranks: Taxonomy) -> None:
+    logits, _ = hand_batch()
+    out = HierarchicalLoss(two_ranks, alpha=1.0, dependency="none", outlier_weight=1.0)(
+        logits, torch.tensor([[0, 1], [1, -1]]))
+    out["loss"].backward()
+    grad = logits["species"].grad[1]
+    # d/dz of −mean_k log softmax(z)_k = softmax(z) − 1/K: pushes the winner (sb1, p = 1/2) down, the others up
+    expected = torch.tensor([0.25, 0.25, 0.5]) - 1.0 / 3.0
+    assert torch.allclose(grad, expected, atol=1e-6)
+
+
+def test_outlier_term_covers_every_rank_below_the_last_known_one() -> None:
+    taxonomy = Taxonomy.demo()
+    logits = {r: torch.zeros(2, taxonomy.num_classes(r)) for r in taxonomy.ranks}
+    logits["species"][0, 0] = 3.0
+    loss_fn = HierarchicalLoss(taxonomy, outlier_weight=1.0)
+    order_only = loss_fn(logits, torch.tensor([[0, -1, -1], [0, 0, 0]]))
+    # uniform logits give the minimum, log K; sample 0 is an outlier at family and at species
+    k_family, k_species = taxonomy.num_classes("family"), taxonomy.num_classes("species")
+    species_term = torch.logsumexp(logits["species"][0], 0).item() - 3.0 / k_species
+    assert order_only["outlier"].item() == pytest.approx(math.log(k_family) + species_term, rel=1e-6)
+
+
+def test_outlier_weight_is_validated_and_read_from_the_config(two_ranks: Taxonomy) -> None:
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="outlier_weight"):
+            HierarchicalLoss(two_ranks, outlier_weight=bad)
+    loss = build_loss(LossConfig(outlier_weight=0.25), two_ranks)
+    assert loss.outlier_weight == 0.25 and "outlier_weight=0.25" in repr(loss)
+
+
+def test_training_loop_uses_the_configured_outlier_weight(tmp_path) -> None:
+    """engine.fit builds its loss from the config (the Ray Train worker does the same through build_loss)."""
+    from taxonet import engine
+    from taxonet.config import load_config
+
+    taxonomy = Taxonomy.demo()
+    torch.manual_seed(0)
+    images = torch.randn(24, 3, 16, 16)
+    targets = torch.tensor([list(taxonomy.encode(row)) for row in taxonomy.rows()] * 2
+                           + [[0, 0, -1]] * 6)  # 6 samples known to family only
+    histories = {}
+    for weight in (0.0, 0.5):
+        config = load_config("demo", {"data.input_size": 16, "model.backbone": "tiny_cnn", "model.weights": None,
+                                      "optim.epochs": 1, "loss.outlier_weight": weight})
+        seen = []
+        engine.fit(config, taxonomy, lambda epoch: engine.tensor_batches(images, targets, 8),
+                   lambda: engine.tensor_batches(images, targets, 8), tmp_path / str(weight), device="cpu",
+                   log_fn=seen.append)
+        histories[weight] = seen[0]
+    assert "train_outlier" not in histories[0.0]
+    assert histories[0.5]["train_outlier"] > 0 and "val_outlier" in histories[0.5]

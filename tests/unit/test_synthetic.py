@@ -185,6 +185,36 @@ def test_unseen_species_keep_their_parents_and_get_a_new_pattern(demo: Taxonomy)
     assert unseen_species(demo, per_family=2, seed=0) == chains  # reproducible
 
 
+def test_outlier_species_wear_known_marks_their_siblings_lack_and_never_the_unseen_ones() -> None:
+    taxonomy = synthetic_taxonomy(orders=3, families_per_order=(2, 1, 1), species_per_family=3)
+    generator = SyntheticInsects(taxonomy, image_size=32, seed=0)
+    unseen = unseen_species(taxonomy, per_family=1, seed=0)
+    unseen_kinds = {generator._resolve(c).pattern for c in unseen}
+    known_kinds = {generator._resolve(c).pattern for c in generator.chains}
+    outliers = generator.outlier_species(per_family=4)
+    assert len(outliers) == 4 * taxonomy.num_classes("family")
+    for chain in outliers:
+        family = taxonomy.index("family", chain[1])
+        assert list(chain[:2]) == taxonomy.chain_names("family", family)
+        assert chain[2] not in taxonomy.names[2] and chain[2].startswith(f"{chain[1]} bycatch ")
+        new = generator._resolve(chain)
+        siblings = [generator._resolve(tuple(taxonomy.chain_names("species", i)))
+                    for i in taxonomy.children("family", family)]
+        for known in siblings:
+            assert differing_fields(new, known) <= PATTERN_FIELDS  # a member of the family by every other trait
+            assert new.pattern != known.pattern
+        assert PATTERNS[new.pattern] in PATTERNS[:8] and new.pattern not in unseen_kinds
+    # the exposure set is made of marks known species wear elsewhere, not of the unseen species' marks
+    assert {generator._resolve(c).pattern for c in outliers} <= known_kinds | set(range(8))
+    assert unseen_kinds.isdisjoint({generator._resolve(c).pattern for c in outliers})
+    # rendering them is deterministic, and differs from the unseen species of the same family
+    again = SyntheticInsects(taxonomy, image_size=32, seed=0)
+    assert again.outlier_species(per_family=4) == outliers
+    assert np.array_equal(pixels(again.render(outliers[0], 3)), pixels(generator.render(outliers[0], 3)))
+    with pytest.raises(ValueError, match="per_family"):
+        generator.outlier_species(per_family=0)
+
+
 # ---------------------------------------------------------------------- files
 def test_write_image_folder_uses_one_folder_per_rank(tmp_path: Path, demo: Taxonomy) -> None:
     generator = SyntheticInsects(demo, image_size=32, seed=0)

@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="unseen species per family written to --unseen-out (1; 0 = none)")
     synth.add_argument("--unseen-out", metavar="URI",
                        help="dataset of the unseen species, split 'unseen' (default: DST/unseen)")
+    synth.add_argument("--outliers-per-family", type=int, default=0, metavar="N",
+                       help="'bycatch' species per family added to DST labelled to family only, for training with "
+                            "loss.outlier_weight > 0; each gets per-species/N images (0 = none)")
     synth.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="validation share (0.1)")
     synth.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="test share (0.1)")
     synth.add_argument("--shard-size", type=int, default=1000, metavar="N", help="rows per Parquet shard (1000)")
@@ -103,7 +106,8 @@ def _synth(args: argparse.Namespace) -> int:
                              overwrite=args.overwrite, max_side=max(args.image_size, 8))
     known, unseen = write_synthetic_dataset(
         args.dst, load_taxonomy(args.taxonomy), per_species=args.per_species, image_size=args.image_size,
-        seed=args.seed, unseen_per_family=args.unseen_per_family, unseen_out=args.unseen_out, options=options)
+        seed=args.seed, unseen_per_family=args.unseen_per_family, unseen_out=args.unseen_out, options=options,
+        outliers_per_family=args.outliers_per_family)
     print(known.format_summary())
     if unseen is not None:
         print()

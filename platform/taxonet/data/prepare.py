@@ -670,8 +670,15 @@ def prepare_dataset(src: str, dst: str, *, taxonomy: Taxonomy | None = None,
 
 def write_synthetic_dataset(dst: str, taxonomy: Taxonomy, *, per_species: int = 20, image_size: int = 48,
                             seed: int = 0, unseen_per_family: int = 0, unseen_out: str | None = None,
-                            options: PrepareOptions | None = None) -> tuple[PrepareResult, PrepareResult | None]:
+                            options: PrepareOptions | None = None,
+                            outliers_per_family: int = 0) -> tuple[PrepareResult, PrepareResult | None]:
     """Render a synthetic dataset in the standard format (train/val/test of the known species).
+
+    ``outliers_per_family`` adds that many "bycatch" species per family (``SyntheticInsects.outlier_species``:
+    marks of known species of other families, never the unseen species' marks) labelled down to the family only,
+    ``per_species // outliers_per_family`` images each (at least 1), so each family gets about one species' worth:
+    material for outlier exposure (``loss.outlier_weight``). Their labels stop at the family, so the taxonomy of
+    the dataset is unchanged.
 
     Unseen species (``unseen_per_family`` per family) go to a second dataset at ``unseen_out`` (default
     ``DST/unseen``) whose taxonomy extends the known one, all in split ``unseen``: the known dataset's taxonomy,
@@ -687,8 +694,20 @@ def write_synthetic_dataset(dst: str, taxonomy: Taxonomy, *, per_species: int = 
     except (TypeError, ValueError) as exc:
         raise DatasetError(f"synthetic data: {exc}") from None
     description = f"synthetic(seed={seed}, image_size={image_size}, per_species={per_species})"
-    known = build_dataset(_synthetic_items(generator.samples(per_species)), dst, taxonomy, options,
-                          source_description=description)
+    if isinstance(outliers_per_family, bool) or not isinstance(outliers_per_family, int) or outliers_per_family < 0:
+        raise DatasetError(f"--outliers-per-family must be a non-negative integer, got {outliers_per_family!r}")
+    if outliers_per_family and taxonomy.depth < 2:
+        raise DatasetError("--outliers-per-family needs a taxonomy with at least two ranks")
+    items = _synthetic_items(generator.samples(per_species))
+    extra_metadata = None
+    if outliers_per_family:
+        outliers = generator.outlier_species(outliers_per_family)
+        count = max(1, per_species // outliers_per_family)
+        items += _synthetic_items(generator.samples(count, chains=outliers, start_index=per_species), partial=True)
+        description += f", outliers_per_family={outliers_per_family}"
+        extra_metadata = {"outlier_species": [list(c) for c in outliers]}
+    known = build_dataset(items, dst, taxonomy, options, source_description=description,
+                          extra_metadata=extra_metadata)
     if not unseen_per_family:
         return known, None
     chains = unseen_species(taxonomy, per_family=unseen_per_family, seed=seed)
@@ -701,13 +720,15 @@ def write_synthetic_dataset(dst: str, taxonomy: Taxonomy, *, per_species: int = 
     return known, unseen
 
 
-def _synthetic_items(samples: Iterable[Any], split: str | None = None) -> list[SourceItem]:
+def _synthetic_items(samples: Iterable[Any], split: str | None = None, partial: bool = False) -> list[SourceItem]:
+    """``partial``: the last rank's label is left unspecified (outlier species, known to their parent only)."""
     items = []
     for sample in samples:
+        labels = tuple(sample.labels[:-1]) + (None,) if partial else tuple(sample.labels)
         buffer = io.BytesIO()
         sample.image.save(buffer, format="PNG")  # lossless here: the single JPEG encode happens in build_dataset
         items.append(SourceItem(origin=f"synthetic:{'/'.join(sample.labels)}/{sample.index}",
-                                labels=tuple(sample.labels), split=split, source="synthetic",
+                                labels=labels, split=split, source="synthetic",
                                 data=buffer.getvalue()))
     return items
 

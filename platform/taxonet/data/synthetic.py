@@ -186,6 +186,7 @@ class SyntheticInsects:
         self._sibling_codes: dict[tuple[int, int, str], dict[str, int]] = {}
         self._level_codes: dict[tuple[int, str], frozenset[int]] = {}
         self._traits: dict[tuple[str, ...], _Traits] = {}
+        self._outlier_patterns: dict[tuple[str, ...], int] = {}  # chains made by outlier_species → pattern code
 
     # ------------------------------------------------------------------ public API
     @property
@@ -218,6 +219,43 @@ class SyntheticInsects:
         for index in range(start_index, start_index + n_per_class):
             for chain in todo:
                 yield SyntheticSample(self.render(chain, index), chain, index)
+
+    def outlier_species(self, per_family: int) -> list[tuple[str, ...]]:
+        """New leaf chains for outlier exposure, ``per_family`` under every parent of the last rank.
+
+        "Bycatch": insects of a known family that are none of its known species, for training a model to doubt its
+        last rank (``loss.outlier_weight``, labelled down to the parent only). Each wears a *common* mark pattern
+        that its known siblings lack — marks that known species of other families do have — and never one of the
+        reserved patterns :func:`unseen_species` gives to unseen species, so a model exposed to them has still never
+        seen an unseen species' marks. Names are ``"<parent> bycatch <n>"``. Only this generator renders them with
+        those marks (the choice is remembered here); the choice itself is seeded by ``seed`` and the taxonomy.
+        """
+        taxonomy = self.taxonomy
+        if taxonomy.depth < 2:
+            raise ValueError("outlier species need a parent rank: the taxonomy has a single rank")
+        if isinstance(per_family, bool) or not isinstance(per_family, int) or per_family < 1:
+            raise ValueError(f"per_family must be a positive int, got {per_family!r}")
+        parent_level, leaf_level = taxonomy.depth - 2, taxonomy.depth - 1
+        kinds = _TRAIT_KINDS["pattern"]
+        known = set(taxonomy.names[leaf_level])
+        chains: list[tuple[str, ...]] = []
+        for parent_index, parent in enumerate(taxonomy.names[parent_level]):
+            prefix = tuple(taxonomy.chain_names(parent_level, parent_index))
+            sibling_kinds = {code % kinds for code in self._sibling_table(leaf_level, parent, "pattern").values()}
+            order = [int(k) for k in _rng(self.seed, "outlier", parent).permutation(_COMMON_PATTERNS)]
+            free = [k for k in order if k not in sibling_kinds] or order
+            # More outliers than free kinds: further variants of the same kinds (other mark colours).
+            codes = [k + kinds * v for v in range(_TRAIT_VARIANTS["pattern"]) for k in free]
+            number = 0
+            for i in range(per_family):
+                number += 1
+                while f"{parent} bycatch {number}" in known:
+                    number += 1
+                chain = prefix + (f"{parent} bycatch {number}",)
+                self._outlier_patterns[chain] = codes[i % len(codes)]
+                self._traits.pop(chain, None)
+                chains.append(chain)
+        return chains
 
     # ------------------------------------------------------------------ traits
     def _check_chain(self, chain: Sequence[str]) -> tuple[str, ...]:
@@ -283,6 +321,8 @@ class SyntheticInsects:
         return table
 
     def _code(self, level: int, chain: tuple[str, ...], trait: str) -> int:
+        if trait == "pattern" and chain in self._outlier_patterns:
+            return self._outlier_patterns[chain]
         name = chain[level]
         parent = chain[level - 1] if level else None
         table = self._sibling_table(level, parent, trait)

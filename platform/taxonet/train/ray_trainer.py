@@ -104,7 +104,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from taxonet.config import from_dict
     from taxonet.data.pipeline import Collator
     from taxonet.data.transforms import TransformSpec
-    from taxonet.losses import HierarchicalLoss
+    from taxonet.losses import build_loss
     from taxonet.models import build_model
     from taxonet.taxonomy import Taxonomy
 
@@ -138,7 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = engine.build_optimizer(model, config.optim)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    loss_fn = HierarchicalLoss(taxonomy, alpha=config.loss.alpha, dependency=config.loss.dependency).to(device)
+    loss_fn = build_loss(config.loss, taxonomy).to(device)
     spec = TransformSpec.from_config(config.data)
     train_collate = Collator(taxonomy, spec, train=config.data.augment, threads=config.train.loader_threads)
     eval_collate = Collator(taxonomy, spec, train=False, threads=config.train.loader_threads)

@@ -1,0 +1,108 @@
+"""Unseen-species probe: how well the paper's thresholds flag species a model never saw, with and without outlier
+exposure, for one recipe and seed. The recipe of issue 2's behavioural test by default (tests/model/test_behaviour.py).
+
+Trains ``small_cnn`` with ``taxonet.engine.fit`` on synthetic insects (3 orders x 4 families x 3 species) plus, when
+``--outlier-weight`` > 0, ``--outliers-per-family`` "bycatch" species per family labelled to family only
+(``SyntheticInsects.outlier_species``: marks of known species of other families, never the unseen species' marks),
+then scores held-out known images and one unseen species per family (``unseen_species``) and prints one line:
+
+    RESULT outlier_weight=.. size=.. epochs=.. seed=.. | species F1 .. | unseen: unsure at species .., correct
+    lowest reliable rank .., family right .. | known unsure at species .. | max-logit AUROC .. | .. s
+
+Usage (CPU, about 3-5 minutes; on a GPU add ``--device cuda``, about 45 s, several in parallel on one card):
+    .venv/bin/python tests/bench/unseen_probe.py --outlier-weight 0.35 --size 44 --epochs 25
+    .venv/bin/python tests/bench/unseen_probe.py --outlier-weight 0      # the paper's loss alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--outlier-weight", type=float, default=0.35, help="loss.outlier_weight (0 = paper)")
+    parser.add_argument("--size", type=int, default=44, help="image side in px (44)")
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--per-species", type=int, default=100, help="training images per known species (100)")
+    parser.add_argument("--outliers-per-family", type=int, default=5)
+    parser.add_argument("--per-outlier", type=int, default=20, help="images per bycatch species (20)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--k", type=float, default=2.0, help="anomaly.k: tau = mu - k sigma (2, the paper)")
+    parser.add_argument("--seed", type=int, default=0, help="train.seed (the images are always seed 0)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
+    args = parser.parse_args(argv)
+
+    from taxonet import engine
+    from taxonet.anomaly import assess, auroc
+    from taxonet.checkpoint import load_checkpoint
+    from taxonet.config import load_config
+    from taxonet.data.synthetic import SyntheticInsects, unseen_species
+    from taxonet.data.transforms import TransformSpec, build_eval_transform
+    from taxonet.metrics import evaluate_predictions
+    from taxonet.taxonomy import Taxonomy
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    taxonomy = Taxonomy.from_rows([(f"Order{f % 3}", f"Family{f}", f"Family{f} species{s}")
+                                   for f in range(4) for s in range(3)])
+    config = load_config("demo", {"data.input_size": args.size, "optim.epochs": args.epochs,
+                                  "model.backbone": "small_cnn", "optim.lr": args.lr, "optim.schedule": "cosine",
+                                  "train.seed": args.seed, "loss.outlier_weight": args.outlier_weight,
+                                  "anomaly.k": args.k})
+    transform = build_eval_transform(TransformSpec.from_config(config.data))
+    generator = SyntheticInsects(taxonomy, image_size=args.size, seed=0)
+    images, targets = engine.samples_to_tensors(generator.samples(args.per_species), taxonomy, transform)
+    if args.outlier_weight > 0:
+        bycatch = list(generator.samples(args.per_outlier, chains=generator.outlier_species(args.outliers_per_family),
+                                         start_index=50_000))
+        images = torch.cat([images, torch.stack([transform(s.image) for s in bycatch])])
+        targets = torch.cat([targets, torch.tensor([taxonomy.encode(list(s.labels[:-1]) + [None]) for s in bycatch])])
+    val = engine.samples_to_tensors(generator.samples(20, start_index=10_000), taxonomy, transform)
+    test_images, test_targets = engine.samples_to_tensors(generator.samples(40, start_index=20_000), taxonomy,
+                                                          transform)
+    unseen = list(generator.samples(40, chains=unseen_species(taxonomy, per_family=1, seed=0), start_index=30_000))
+    unseen_images = torch.stack([transform(s.image) for s in unseen])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        best = engine.fit(config, taxonomy,
+                          lambda epoch: engine.tensor_batches(images, targets, 32, shuffle=True, seed=args.seed,
+                                                              epoch=epoch),
+                          lambda: engine.tensor_batches(*val, 128), tmp, device=args.device)
+        checkpoint = load_checkpoint(best)
+
+    def logits_of(batch: torch.Tensor) -> dict[str, np.ndarray]:
+        dummy = torch.zeros(len(batch), taxonomy.depth, dtype=torch.int64)
+        return engine.collect_logits(checkpoint.model, engine.tensor_batches(batch, dummy, 128), torch.device("cpu"),
+                                     amp=False, channels_last=False)[0]
+
+    known_logits = logits_of(test_images)
+    known = assess(taxonomy, checkpoint.thresholds, known_logits)
+    species_f1 = evaluate_predictions(taxonomy, test_targets.numpy(), known.predictions)["species"]["f1"]
+    unseen_logits = logits_of(unseen_images)
+    flagged = assess(taxonomy, checkpoint.thresholds, unseen_logits)
+    family = np.array([taxonomy.index("family", s.labels[1]) for s in unseen])
+    order = np.array([taxonomy.index("order", s.labels[0]) for s in unseen])
+    level = flagged.lowest_reliable_level
+    correct = (((level == 1) & (flagged.predictions[:, 1] == family))
+               | ((level == 0) & (flagged.predictions[:, 0] == order))).mean()
+    separation = auroc(known_logits["species"].max(axis=1), unseen_logits["species"].max(axis=1))
+    print(f"RESULT outlier_weight={args.outlier_weight:g} size={args.size} epochs={args.epochs} seed={args.seed} "
+          f"device={args.device} | species F1 {species_f1:.3f} | unseen: unsure at species "
+          f"{(~flagged.sure[:, 2]).mean():.2f}, correct lowest reliable rank {correct:.2f}, family right "
+          f"{(flagged.predictions[:, 1] == family).mean():.2f} | known unsure at species {(~known.sure[:, 2]).mean():.2f}"
+          f" | max-logit AUROC {separation:.2f} | {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
