@@ -166,24 +166,3 @@ def test_dataset_json_is_plain_json_with_the_taxonomy(dataset: str, demo_taxonom
                                    "height", "origin"]
     assert sum(s["rows"] for s in document["shards"]) == document["counts"]["total"] == 36
     assert DatasetInfo.load(dataset).splits == ("train", "val", "test")
-
-
-def test_ray_reads_use_the_v1_parquet_reader_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray 2.60's default DataSourceV2 Parquet reader hung in a driver running several trainings (see
-    pipeline._prefer_v1_parquet_reader); read_split switches it off, TAXONET_RAY_PARQUET_V2=1 switches it back on."""
-    import ray.data
-
-    from taxonet.data import pipeline
-
-    context = ray.data.DataContext.get_current()
-    before = context.use_datasource_v2
-    try:
-        monkeypatch.delenv("TAXONET_RAY_PARQUET_V2", raising=False)
-        context.use_datasource_v2 = True
-        pipeline._prefer_v1_parquet_reader()
-        assert context.use_datasource_v2 is False
-        monkeypatch.setenv("TAXONET_RAY_PARQUET_V2", "1")
-        pipeline._prefer_v1_parquet_reader()
-        assert context.use_datasource_v2 is True
-    finally:
-        context.use_datasource_v2 = before

@@ -14,7 +14,6 @@ counted and skipped, never ends an epoch. Only :func:`read_split` imports ray, a
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -167,7 +166,6 @@ def read_split(uri: str, split: str, *, columns: Sequence[str] | None = None, sh
     """
     import ray.data
 
-    _prefer_v1_parquet_reader()
     info = DatasetInfo.load(uri)
     shard_uris = info.shard_uris(split)
     filesystem, _ = storage.pyarrow_filesystem(uri)
@@ -190,22 +188,6 @@ def read_split(uri: str, split: str, *, columns: Sequence[str] | None = None, sh
         if storage.is_s3(uri):
             raise storage.storage_error(exc, "read", uri) from None
         raise
-
-
-def _prefer_v1_parquet_reader() -> None:
-    """Read Parquet through Ray Data's long-standing V1 datasource unless ``TAXONET_RAY_PARQUET_V2=1``.
-
-    Ray 2.60 made the new DataSourceV2 reader the default (a ``ListFiles`` task that reads footers through a pool of
-    ``FooterReader`` actors). In a driver that runs several trainings one after another (``taxonet experiment``,
-    caching a split with ``materialize``), its ``ListFiles`` task was seen to never finish: nothing running, nothing
-    pending, the executor waiting forever (clean-clone CI, 2026-11-26). We list the shards ourselves from
-    dataset.json, so the V2 listing buys nothing here; the V1 reader reads the same files into the same blocks.
-    """
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    if hasattr(context, "use_datasource_v2"):
-        context.use_datasource_v2 = os.environ.get("TAXONET_RAY_PARQUET_V2", "0") == "1"
 
 
 # ---------------------------------------------------------------------------------------------------- collator
