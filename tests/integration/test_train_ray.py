@@ -114,3 +114,20 @@ def test_split_caching_follows_the_object_store_size(ray_local):
     assert _cache_split("auto", 1_000_000)
     assert not _cache_split("auto", int(capacity))  # a split as big as the whole store streams
     assert _cache_split("always", 10**15) and not _cache_split("never", 1)
+
+
+def test_a_cached_split_holds_the_same_rows_as_the_streamed_one(ray_local, s3_dataset):
+    """load_split (pyarrow in the driver → object store, no Ray task) is what data.cache puts in place of read_split."""
+    from taxonet.data.pipeline import load_split, read_split
+
+    import ray
+
+    def rows(dataset):
+        tables = ray.get(dataset.to_arrow_refs())
+        return sorted((bytes(r["image"]), r["order"], r["family"], r["species"])
+                      for t in tables for r in t.to_pylist())
+
+    cached = load_split(s3_dataset, "val")
+    assert cached.columns() == read_split(s3_dataset, "val").columns()
+    expected = rows(read_split(s3_dataset, "val"))
+    assert expected and rows(cached) == expected

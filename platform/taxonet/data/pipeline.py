@@ -190,6 +190,36 @@ def read_split(uri: str, split: str, *, columns: Sequence[str] | None = None, sh
         raise
 
 
+def load_split(uri: str, split: str, *, columns: Sequence[str] | None = None) -> Any:
+    """A split read whole into the object store, as a materialized ``ray.data.Dataset`` (same columns and rows as
+    :func:`read_split`), for splits small enough to keep in memory (``data.cache``).
+
+    The shards are read in this process with pyarrow and handed to Ray with ``ray.data.from_arrow`` (``ray.put``):
+    no Ray task runs. ``read_split(...).materialize()`` did the same through Ray Data's read tasks, and in a driver
+    that then went on to read the next split, a task submitted after that execution was twice seen never to be
+    scheduled (clean-clone CI, 2026-11-26: nothing running, nothing pending, the driver waiting forever).
+    """
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from taxonet.errors import DatasetError
+
+    info = DatasetInfo.load(uri)
+    wanted = list(columns) if columns is not None else default_columns(info.taxonomy)
+    tables = []
+    for shard_uri in info.shard_uris(split):
+        filesystem, path = storage.pyarrow_filesystem(shard_uri)
+        try:
+            tables.append(pq.read_table(path, filesystem=filesystem, columns=wanted))
+        except OSError as exc:
+            if storage.is_s3(shard_uri):
+                raise storage.storage_error(exc, "read", shard_uri) from None
+            raise
+    if not tables:
+        raise DatasetError(f"dataset {uri} has no shard for split {split!r}")
+    return ray.data.from_arrow(tables)  # one block per shard
+
+
 # ---------------------------------------------------------------------------------------------------- collator
 class Collator:
     """Column batch → ``(images float32 [N, 3, S, S], targets int64 [N, depth])`` for the model and the loss.

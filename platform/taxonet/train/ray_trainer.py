@@ -270,7 +270,7 @@ def run_training(config: Any, *, taxonomy: Any | None = None, fail_once: str | N
 
     from taxonet import storage
     from taxonet.data.dataset import DatasetInfo
-    from taxonet.data.pipeline import read_split
+    from taxonet.data.pipeline import load_split, read_split
     from taxonet.errors import DatasetError
 
     if not config.data.dataset:
@@ -283,10 +283,11 @@ def run_training(config: Any, *, taxonomy: Any | None = None, fail_once: str | N
     ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("TAXONET_DATA_PROGRESS"))
     datasets = {}
     for name, split in (("train", config.data.train_split), ("val", config.data.val_split)):
-        dataset = read_split(config.data.dataset, split, num_cpus=0.25)
         if _cache_split(config.data.cache, sum(s.bytes for s in info.shards_for(split))):
-            dataset = dataset.materialize()  # read once; every epoch then iterates over the blocks in memory
-        datasets[name] = dataset
+            # read once, here, into the object store; every epoch then iterates over the blocks in memory
+            datasets[name] = load_split(config.data.dataset, split)
+        else:
+            datasets[name] = read_split(config.data.dataset, split, num_cpus=0.25)
     storage_path, filesystem = _storage_for_ray(config.train.storage)
     run_uri = _join(config.train.storage, config.train.run_name)
     resources = {"CPU": config.train.cpus_per_worker}
