@@ -44,11 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from taxonet import engine
-    from taxonet.anomaly import assess, auroc
+    from taxonet.anomaly import assess
     from taxonet.checkpoint import load_checkpoint
     from taxonet.config import load_config
     from taxonet.data.synthetic import SyntheticInsects, unseen_species
     from taxonet.data.transforms import TransformSpec, build_eval_transform
+    from taxonet.evaluate import UnseenInputs, unseen_report
     from taxonet.metrics import evaluate_predictions
     from taxonet.taxonomy import Taxonomy
 
@@ -89,19 +90,19 @@ def main(argv: list[str] | None = None) -> None:
     known_logits = logits_of(test_images)
     known = assess(taxonomy, checkpoint.thresholds, known_logits)
     species_f1 = evaluate_predictions(taxonomy, test_targets.numpy(), known.predictions)["species"]["f1"]
+    # the figures `taxonet evaluate --unseen` reports (their labels are known down to the family)
     unseen_logits = logits_of(unseen_images)
-    flagged = assess(taxonomy, checkpoint.thresholds, unseen_logits)
+    report = unseen_report(taxonomy, checkpoint.thresholds, known_logits, known, UnseenInputs(
+        dataset="synthetic", logits=unseen_logits, chains=[s.labels for s in unseen],
+        targets=np.array([taxonomy.encode(list(s.labels[:-1]) + [None]) for s in unseen])))
     family = np.array([taxonomy.index("family", s.labels[1]) for s in unseen])
-    order = np.array([taxonomy.index("order", s.labels[0]) for s in unseen])
-    level = flagged.lowest_reliable_level
-    correct = (((level == 1) & (flagged.predictions[:, 1] == family))
-               | ((level == 0) & (flagged.predictions[:, 0] == order))).mean()
-    separation = auroc(known_logits["species"].max(axis=1), unseen_logits["species"].max(axis=1))
+    family_right = (assess(taxonomy, checkpoint.thresholds, unseen_logits).predictions[:, 1] == family).mean()
+    overall = report.overall
     print(f"RESULT outlier_weight={args.outlier_weight:g} size={args.size} epochs={args.epochs} seed={args.seed} "
           f"device={args.device} | species F1 {species_f1:.3f} | unseen: unsure at species "
-          f"{(~flagged.sure[:, 2]).mean():.2f}, correct lowest reliable rank {correct:.2f}, family right "
-          f"{(flagged.predictions[:, 1] == family).mean():.2f} | known unsure at species {(~known.sure[:, 2]).mean():.2f}"
-          f" | max-logit AUROC {separation:.2f} | {time.perf_counter() - started:.0f} s", flush=True)
+          f"{overall.flagged_at_leaf:.2f}, correct lowest reliable rank {overall.correct_higher:.2f}, family right "
+          f"{family_right:.2f} | known unsure at species {report.known_flagged_at_leaf:.2f} | max-logit AUROC "
+          f"{report.separation['max_logit']['auroc']:.2f} | {time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
