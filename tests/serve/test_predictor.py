@@ -194,3 +194,47 @@ def test_uint8_pixels_give_the_float_paths_answers(predictor: Predictor, insect_
     for rank, values in predictor.logits(pixels).items():
         assert np.array_equal(values, predictor.logits(floats)[rank])
     assert predictor.predict_tensors(pixels) == predictor.predict_tensors(floats)
+
+
+class _ShapeBranch(torch.nn.Module):
+    """A model tracing cannot capture: its output depends on the batch size through Python control flow."""
+
+    ranks = ("order",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.conv(images).mean(dim=(2, 3))
+        return {"order": logits if images.shape[0] == 2 else -logits}
+
+
+def test_cpu_graph_gives_the_eager_models_answers(checkpoint: Path, insect_images: list) -> None:
+    graph = Predictor.from_checkpoint(str(checkpoint), device="cpu", top_k=3)
+    eager = Predictor.from_checkpoint(str(checkpoint), device="cpu", top_k=3, graph=False)
+    assert graph.graph and isinstance(graph.model, torch.jit.ScriptModule) and graph.describe()["graph"] is True
+    assert not eager.graph and not isinstance(eager.model, torch.jit.ScriptModule)
+    images = [encode(image) for _, image in insect_images]
+    for batch_size in (1, 3, len(images)):  # the graph must not be tied to the batch size it was traced with
+        ours, theirs = graph.predict_bytes(images, batch_size=batch_size), eager.predict_bytes(images,
+                                                                                            batch_size=batch_size)
+        for a, b in zip(ours, theirs, strict=True):
+            assert a["lowest_reliable_rank"] == b["lowest_reliable_rank"]
+            for rank in graph.taxonomy.ranks:
+                assert a["ranks"][rank]["label"] == b["ranks"][rank]["label"]
+                assert a["ranks"][rank]["reliable"] == b["ranks"][rank]["reliable"]
+                assert a["ranks"][rank]["score"] == pytest.approx(b["ranks"][rank]["score"], abs=1e-4)
+
+
+def test_a_model_the_graph_would_change_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
+    from taxonet.predictor import freeze_for_cpu
+
+    model = _ShapeBranch().eval()
+    with caplog.at_level("WARNING", logger="taxonet.predictor"):
+        assert freeze_for_cpu(model, 16) is None
+    assert "keeping the eager model" in caplog.text and "differ" in caplog.text
+    assert not model.training  # the caller's mode is left as it was
+    model.train()
+    freeze_for_cpu(model, 16)
+    assert model.training

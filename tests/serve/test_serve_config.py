@@ -69,3 +69,15 @@ def test_token_comes_from_args_or_the_replica_environment(monkeypatch: pytest.Mo
     settings = ServeArgs.model_validate({"checkpoint": "x", "api_token": "explicit"}).ingress_settings()
     assert settings.token() == "explicit"
     assert "explicit" not in repr(settings)  # the secret is not printed in logs or `serve status`
+
+
+def test_access_log_is_per_deployment_and_the_graph_is_on_by_default() -> None:
+    args = ServeArgs.model_validate({"checkpoint": "x"})
+    assert args.graph is True
+    # one line per HTTP request from the ingress; the classifier's calls would only repeat them
+    assert args.ingress.options()["logging_config"] == {"enable_access_log": True}
+    assert args.classifier.options()["logging_config"] == {"enable_access_log": False}
+    args = ServeArgs.model_validate({"checkpoint": "x", "graph": False, "classifier": {"access_log": True}})
+    assert args.graph is False and args.classifier.options()["logging_config"] == {"enable_access_log": True}
+    with pytest.raises(ValidationError, match="graph"):
+        ServeArgs.model_validate({"checkpoint": "x", "graph": "sometimes"})

@@ -50,12 +50,14 @@ STALE = "stale_transform"
 # ---------------------------------------------------------------------------------------------------- model side
 @serve.deployment(name="TaxonetClassifier")
 class TaxonetClassifier:
-    """Holds a :class:`Predictor`; answers images one call each, batched by ``@serve.batch`` across callers."""
+    """Holds a :class:`Predictor`; answers one request's images per call, batched image by image across callers
+    by ``@serve.batch``. On CPU the model runs as a frozen TorchScript graph unless ``graph`` is False."""
 
-    def __init__(self, device: str = "auto", defaults: dict[str, Any] | None = None) -> None:
+    def __init__(self, device: str = "auto", defaults: dict[str, Any] | None = None, graph: bool = True) -> None:
         from taxonet.serve.metrics import ClassifierMetrics
 
         self._device = device
+        self._graph = graph
         self._defaults = dict(defaults or {})
         self._config: ClassifierConfig | None = None
         self._predictor: Predictor | None = None
@@ -81,7 +83,8 @@ class TaxonetClassifier:
                 return
             try:
                 predictor = await asyncio.to_thread(Predictor.from_checkpoint, config.checkpoint, self._device,
-                                                    top_k=config.top_k, max_image_pixels=config.max_image_pixels)
+                                                    top_k=config.top_k, max_image_pixels=config.max_image_pixels,
+                                                    graph=self._graph)
             except Exception as exc:
                 if self._predictor is None:
                     raise
@@ -112,9 +115,15 @@ class TaxonetClassifier:
                 "classes": {rank: list(names) for rank, names in zip(taxonomy.ranks, taxonomy.names)},
                 "tree": taxonomy.tree()}
 
-    async def classify(self, image: np.ndarray, transform_key: str) -> dict[str, Any]:
-        """One preprocessed image [3, S, S] → its answer, or ``{"stale_transform": True}`` after a transform change."""
-        return await self._predict_batch((image, transform_key))
+    async def classify_many(self, images: np.ndarray, transform_key: str) -> list[dict[str, Any]]:
+        """Preprocessed images [N, 3, S, S] of one request → their answers in order; an image prepared with another
+        transform than this replica's gets ``{"stale_transform": True}`` instead.
+
+        One call per HTTP request, however many images it carries: Ray and Serve's per-call work (routing, the
+        queue-length probe, (de)serialisation, metrics) runs in this replica's process and shares its GIL with the
+        forward pass. The images still batch one by one with other requests' images in ``_predict_batch``.
+        """
+        return list(await asyncio.gather(*(self._predict_batch((image, transform_key)) for image in images)))
 
     async def classify_bytes(self, data: bytes) -> dict[str, Any]:
         """One encoded image (already validated by the ingress), preprocessed here with this replica's transform.
@@ -333,8 +342,7 @@ class TaxonetIngress:
         for image in images:
             if isinstance(image, BaseException):
                 raise image
-        answers = await asyncio.gather(*(self._infer(data, image, preprocessor.key)
-                                         for (_, data), image in zip(uploads, images, strict=True)))
+        answers = await self._infer([data for _, data in uploads], images, preprocessor.key)
         model = answers[0].pop("model")
         for answer in answers[1:]:
             answer.pop("model")
@@ -345,18 +353,23 @@ class TaxonetIngress:
     def _where(index: int, filename: str | None, count: int) -> str:
         return f"files[{index}] ({filename}): " if count > 1 or filename else ""
 
-    async def _infer(self, data: bytes, image: np.ndarray, transform_key: str) -> dict[str, Any]:
+    async def _infer(self, blobs: list[bytes], images: list[np.ndarray], transform_key: str) -> list[dict[str, Any]]:
+        """The answers for one request's images: one classifier call for all of them (see ``classify_many``)."""
         try:
-            answer = await self._classifier.classify.remote(image, transform_key)
-            if answer.get(STALE):
-                # A rollout changed the preprocessing after this image was prepared: the classifier prepares it
+            answers = await self._classifier.classify_many.remote(np.stack(images), transform_key)
+            stale = [index for index, answer in enumerate(answers) if answer.get(STALE)]
+            if stale:
+                # A rollout changed the preprocessing after these images were prepared: the classifier prepares them
                 # itself (it knows its own transform), and later requests use the new transform.
                 await self._current_preprocessor(stale_key=transform_key)
-                answer = await self._classifier.classify_bytes.remote(data)
+                redone = await asyncio.gather(*(self._classifier.classify_bytes.remote(blobs[index])
+                                                for index in stale))
+                for index, answer in zip(stale, redone, strict=True):
+                    answers[index] = answer
         except (RayActorError, ActorUnavailableError) as exc:  # replica gone or starting: not the client's fault
             log.warning("taxonet: classifier replica unavailable: %r", exc)
             raise ApiError(503, "unavailable", "the model deployment is not available; retry shortly") from None
-        return answer
+        return answers
 
     async def _preprocess(self, preprocessor: Preprocessor, data: bytes, where: str) -> np.ndarray:
         start = time.perf_counter()
@@ -464,7 +477,7 @@ def app_builder(args: "ServeArgs | dict[str, Any]") -> serve.Application:
     config = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
     user_config = config.classifier_config().model_dump()
     classifier = TaxonetClassifier.options(user_config=user_config, **config.classifier.options()).bind(
-        device=config.device, defaults=user_config)
+        device=config.device, defaults=user_config, graph=config.graph)
     return TaxonetIngress.options(**config.ingress.options()).bind(classifier, config.ingress_settings())
 
 

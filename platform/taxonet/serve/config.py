@@ -41,6 +41,9 @@ class DeploymentArgs(BaseModel):
     #: Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, ...)
     autoscaling: dict[str, Any] | None = Field(
         default_factory=lambda: {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16})
+    #: Serve's access log line per call (the ingress's: one per HTTP request; the classifier's: one per call from
+    #: the ingress, off by default — it repeats the ingress's and costs the model replica's GIL time under load)
+    access_log: bool = True
 
     @field_validator("autoscaling")
     @classmethod
@@ -52,6 +55,7 @@ class DeploymentArgs(BaseModel):
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "logging_config": {"enable_access_log": self.access_log},
         }
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling
@@ -61,7 +65,8 @@ class DeploymentArgs(BaseModel):
 
 
 def _default_classifier() -> DeploymentArgs:
-    return DeploymentArgs(autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32})
+    return DeploymentArgs(autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32},
+                          access_log=False)
 
 
 class ClassifierConfig(BaseModel):
@@ -89,6 +94,9 @@ class ServeArgs(BaseModel):
     checkpoint: str = Field(min_length=1)
     #: "auto" (CUDA when the replica was given a GPU), "cpu", "cuda" or "cuda:N"
     device: str = "auto"
+    #: on CPU, run the model as a frozen TorchScript graph (no GIL during the forward pass; checked against the
+    #: eager model at load, which is kept if tracing fails); no effect on CUDA
+    graph: bool = True
     top_k: int = Field(3, ge=1)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
