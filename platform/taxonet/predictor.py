@@ -164,8 +164,8 @@ def freeze_for_cpu(model: torch.nn.Module, input_size: int, *, atol: float = 1e-
 
     Why: an eager forward pass re-enters Python between every op and needs the GIL each time. In a Serve replica the
     GIL is shared with the thread that receives requests, and every hand-over costs the forward pass up to Python's
-    switch interval — measured here, a busy second thread made an eager ResNet50 forward ~10× slower; the graph runs
-    op to op in C++ without the GIL. Freezing also folds batch norm into the convolutions (fewer ops on CPU).
+    switch interval — a busy second thread made an eager ResNet50 forward 7–10× slower, the graph ~1.2×
+    (tests/bench/bench_gil.py): the graph runs op to op in C++ without the GIL. Freezing also folds batch norm into the convolutions (fewer ops on CPU).
 
     ``torch.jit`` is deprecated in recent PyTorch (its warnings are silenced here) and may go: then, or if tracing
     fails, or if the graph's logits differ from the eager model's by more than ``atol`` on a random batch, this
