@@ -74,16 +74,18 @@ def synthetic_jpegs(count: int, side: int) -> list[bytes]:
     return out[:count]
 
 
-def in_process(checkpoint: Path, jpegs: list[bytes], batch_size: int, seconds: float, threads: int,
-               graph: bool = True) -> float:
-    """img/s of the in-process predictor: bytes → answers, ``batch_size`` images per forward pass."""
+def load_predictor(checkpoint: Path, threads: int, graph: bool = True) -> Any:
+    """The in-process predictor, loaded (and frozen into a graph) once per run, on ``threads`` torch threads."""
     import torch
 
     from taxonet.predictor import Predictor
 
     torch.set_num_threads(threads)
+    return Predictor.from_checkpoint(str(checkpoint), device="cpu", graph=graph)
 
-    predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu", graph=graph)
+
+def in_process(predictor: Any, jpegs: list[bytes], batch_size: int, seconds: float) -> float:
+    """img/s of the in-process predictor: bytes → answers, ``batch_size`` images per forward pass."""
     predictor.predict_bytes(jpegs[:batch_size], batch_size=batch_size)  # warm-up
     done, start, step = 0, time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp), args.backbone,
                                                                                    args.size)
         jpegs = synthetic_jpegs(64, args.image_side)
-        before = in_process(checkpoint, jpegs, args.batch_size, args.seconds, args.threads, args.graph)
+        predictor = load_predictor(checkpoint, args.threads, args.graph)
+        before = in_process(predictor, jpegs, args.batch_size, args.seconds)
         print(f"in-process predictor, batch {args.batch_size}: {before:,.1f} img/s", flush=True)
 
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
@@ -245,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         for concurrency in (int(c) for c in args.concurrency.split(",")):
             result = http_load(port, "/v1/classify", jpegs, concurrency, args.seconds, args.images_per_request)
             # the in-process baseline again after each level, so that each ratio compares measurements taken
-            # minutes apart at most (this machine's speed drifts by ±15 % over a run)
-            baselines.append(in_process(checkpoint, jpegs, args.batch_size, args.seconds, args.threads, args.graph))
+            # minutes apart at most (this machine's speed drifts by up to ±12 % between two of them)
+            baselines.append(in_process(predictor, jpegs, args.batch_size, args.seconds))
             result["baseline"] = (baselines[-2] + baselines[-1]) / 2
             rows.append((concurrency, result))
             print(f"HTTP concurrency {concurrency:>3}: {result['img_per_s']:,.1f} img/s  p50 {result['p50_ms']:.1f} ms"
