@@ -24,6 +24,7 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -278,13 +279,28 @@ def _dump_groups(groups: list[dict[str, Any]]) -> str:
     return _dump({"groups": groups})
 
 
+def go_number(value: float) -> str:
+    """A number as Go's %v prints it (Helm's `{{ $x }}`): shortest digits, exponent form below 1e-4 and from 1e6
+    (1 -> "1", 0.01 -> "0.01", 1e-05 -> "1e-05", 1000000 -> "1e+06"), so kustomize and the chart agree byte for
+    byte."""
+    number = Decimal(repr(float(value))).normalize()
+    if number == 0:
+        return "0"
+    exponent = number.adjusted()
+    if -4 <= exponent < 6:
+        return format(number, "f")
+    sign, digits, _ = number.as_tuple()
+    mantissa = str(digits[0]) + ("." + "".join(map(str, digits[1:])) if len(digits) > 1 else "")
+    return f"{'-' if sign else ''}{mantissa}e{'-' if exponent < 0 else '+'}{abs(exponent):02d}"
+
+
 def render_rule_groups(settings: AlertSettings) -> list[dict[str, Any]]:
     """The rule groups with ``settings`` filled in (the review_url annotation dropped when empty)."""
     text = _dump_groups(build_rule_groups())
     values = dataclasses.asdict(settings)
     for name, value in values.items():
         if name != "review_url":
-            text = text.replace(_marker(name), str(value))
+            text = text.replace(_marker(name), go_number(value) if isinstance(value, (int, float)) else str(value))
     groups = yaml.safe_load(text)["groups"]
     for group in groups:
         for rule in group["rules"]:
