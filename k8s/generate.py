@@ -467,7 +467,14 @@ def build_dashboard() -> dict[str, Any]:
                "Replicas reporting each (model, version) as loaded (taxonet_model_info): two versions side by side "
                "during a checkpoint change or a RayService upgrade.",
                [(f"sum by (model, version) (ray_taxonet_model_info{{{FILTER}}})", "{{model}} {{version}}")],
-               "short", (0, y, 24, 6)))
+               "short", (0, y, 12, 6)),
+        _panel("Model readiness and failed loads",
+               "Classifier replicas with a model loaded (taxonet_model_ready) and versions refused in the last hour "
+               "(taxonet_model_load_failures_total): alerts TaxonetNoReadyModel / TaxonetModelLoadFailed.",
+               [(f"sum by (ray_io_cluster) (ray_taxonet_model_ready{{{FILTER}}})", "ready {{ray_io_cluster}}"),
+                (f"sum by (ray_io_cluster) (increase(ray_taxonet_model_load_failures_total{{{FILTER}}}[1h]))",
+                 "failed loads (1h) {{ray_io_cluster}}")],
+               "short", (12, y, 12, 6)))
     y += 6
     add(_row("Ray Serve", y))
     y += 1
