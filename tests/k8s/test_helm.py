@@ -110,6 +110,13 @@ BAD_VALUES = {
     "token in Serve args": ({"serve": {"args": {"api_token": "secret"}}}, "api_token"),
     "override of a key the chart sets": ({"train": {"overrides": {"train.storage": "s3://x/y"}}}, "train.storage"),
     "override without a section": ({"train": {"overrides": {"epochs": 3}}}, "epochs"),
+    "override text a second shell expands": ({"train": {"overrides": {"train.run_name": "$HOME"}}}, "run_name"),
+    "override text a second shell splits": ({"train": {"overrides": {"train.run_name": "a;reboot"}}}, "run_name"),
+    "override with a quote": ({"train": {"overrides": {"train.run_name": "it's"}}}, "run_name"),
+    "override list (globbed by the second shell)": ({"train": {"overrides": {"data.mean": [0.5, 0.5, 0.5]}}},
+                                                    "data.mean"),
+    "dataset path with a quote": ({"train": {"dataset": "/data/it's"}}, "dataset"),
+    "dataset path with a semicolon": ({"train": {"dataset": "/data/x;reboot"}}, "dataset"),
     "review URL with a quote": ({"monitoring": {"prometheusRule": {"reviewUrl": "https://x/'y"}}}, "reviewUrl"),
     "error ratio over 1": ({"monitoring": {"prometheusRule": {"errorRatio": 5}}}, "errorRatio"),
     "no operator selector": ({"networkPolicy": {"operatorPodSelectors": []}}, "operatorPodSelectors"),
@@ -282,43 +289,51 @@ train:
     train.max_steps_per_epoch: 1000000
     optim.epochs: 1e2
     train.seed: 9007199254740993
-    train.run_name: "it's \\"exp 2\\" $HOME `id` ; rm -rf / #"
+    train.run_name: "exp 2, lr=1e-5 @ 50% + warm-up: a/b"
     model.dropout: 0
     data.cache: never
 """
 
 
 def test_overrides_round_trip_through_the_rendered_entrypoint(helm: HelmRenderer, tmp_path: Path) -> None:
-    """Numbers and strings as Helm reads them from a values file reach `taxonet train --set` unchanged: parsed
-    from the rendered command by shlex and by a real shell, then by taxonet's own override parser."""
+    """Numbers and strings as Helm reads them from a values file reach `taxonet train --set` unchanged: the
+    rendered command goes through KubeRay's submitter shell, Ray's job CLI (which re-joins the words with
+    subprocess.list2cmdline) and the job supervisor's shell, and then taxonet's own override parser."""
     values = helm.values_from_yaml(ROUND_TRIP_VALUES)
     docs, _ = render(helm, values)
     entrypoint = only(docs, "RayJob")["spec"]["entrypoint"]
     assert "1e-05" not in entrypoint and "1e+06" not in entrypoint, "Go's %v notation must not reach the command"
     name, overrides = checks.train_entrypoint(only(docs, "RayJob"))
-    shell = subprocess.run(["sh", "-c", f'taxonet() {{ printf "%s\\0" "$@"; }}; {entrypoint}'],
-                           capture_output=True, timeout=30, check=True).stdout.decode().split("\0")[:-1]
-    assert shell == shlex.split(entrypoint)[1:], "a POSIX shell splits the command as shlex does"
+
+    def words_after_a_shell(command: str) -> list[str]:
+        script = f'taxonet() {{ printf "%s\\0" "$@"; }}; {command}'
+        result = subprocess.run(["sh", "-c", script], capture_output=True, timeout=30, check=True)
+        return result.stdout.decode().split("\0")[:-1]
+
+    submitted = words_after_a_shell(entrypoint)  # KubeRay: `ray job submit ... -- <entrypoint>` in a shell
+    assert submitted == shlex.split(entrypoint)[1:], "a POSIX shell splits the command as shlex does"
+    supervised = words_after_a_shell(subprocess.list2cmdline(["taxonet", *submitted]))  # Ray: shell=True
+    assert supervised == submitted, "the words survive Ray's re-quoting for the second shell"
     config = load_run_config(name, overrides)
     expected = values["train"]["overrides"]
     assert config.optim.lr == 1e-5 and config.optim.weight_decay == 1e-7
     assert config.anomaly.k == 2.5 and config.loss.alpha == 0.35 and config.model.dropout == 0.0
     assert config.train.max_steps_per_epoch == 1_000_000 and config.optim.epochs == 100
     assert config.train.seed == expected["train.seed"], "an integer as Helm holds it (float64 beyond 2**53)"
-    assert config.train.run_name == "it's \"exp 2\" $HOME `id` ; rm -rf / #"
+    assert config.train.run_name == "exp 2, lr=1e-5 @ 50% + warm-up: a/b"
     assert config.data.cache == "never"
 
 
 def test_fixed_entrypoint_values_are_shell_safe(helm: HelmRenderer) -> None:
-    docs, _ = render(helm, {"train": {"dataset": "/mnt/data/insects;echo", "config": "demo",
+    docs, _ = render(helm, {"train": {"dataset": "/mnt/data/insects=v2,@50%", "config": "demo",
                                       "registry": {"name": "my-model", "promote": "staging"}},
                             "weights": {"uri": "s3://taxonet/weights/resnet50.pt"}})
     name, overrides = checks.train_entrypoint(only(docs, "RayJob"))
-    assert name == "demo" and "data.dataset=/mnt/data/insects;echo" in overrides
+    assert name == "demo" and "data.dataset=/mnt/data/insects=v2,@50%" in overrides
     assert overrides[-3:] == ["registry.name=my-model", "registry.promote=staging",
                               "model.weights=s3://taxonet/weights/resnet50.pt"]
     wait = only(docs, "RayJob")["spec"]["submitterPodTemplate"]["spec"]["initContainers"][0]["args"]
-    assert wait[1:] == ["/mnt/data/insects;echo/dataset.json", "s3://taxonet/weights/resnet50.pt"]
+    assert wait[1:] == ["/mnt/data/insects=v2,@50%/dataset.json", "s3://taxonet/weights/resnet50.pt"]
     docs, _ = render(helm, {"train": {"registry": {"uri": ""}}})
     assert not [o for o in checks.train_entrypoint(only(docs, "RayJob"))[1] if o.startswith("registry.")]
 
@@ -472,3 +487,11 @@ def test_gpu_pool_selector_is_opt_in(helm: HelmRenderer) -> None:
     group = next(g for g in checks.ray_cluster_spec(only(opted, "RayJob"))["workerGroupSpecs"]
                  if g["groupName"] == "gpu")
     assert group["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+
+
+def test_serve_http_options_reach_the_serve_config(helm: HelmRenderer) -> None:
+    docs, _ = render(helm, {"serve": {"httpOptions": {"request_timeout_s": 60}}})
+    http = checks.parse_serve_config(only(docs, "RayService"))["http_options"]
+    assert http == {"host": "0.0.0.0", "port": 8000, "request_timeout_s": 60}
+    with pytest.raises(HelmError, match="httpOptions"):
+        helm.template({"serve": {"httpOptions": {"request_timeout": 60}}})

@@ -367,7 +367,7 @@ must be offered by an enabled worker group, or its replicas would wait forever.
 {{- $app := dict "name" $serve.appName "route_prefix" $serve.routePrefix "import_path" $serve.importPath }}
 {{- $_ := set $app "args" $serve.args }}
 {{- $_ = set $app "deployments" (list $ingress $classifier) }}
-{{- $http := dict "host" "0.0.0.0" "port" 8000 }}
+{{- $http := merge (deepCopy ($serve.httpOptions | default dict)) (dict "host" "0.0.0.0" "port" 8000) }}
 {{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $app)) }}
 {{- end }}
 
