@@ -231,7 +231,7 @@ def test_chart_as_a_subchart_with_global_values(helm: HelmRenderer, tmp_path: Pa
     (parent / "charts").mkdir(parents=True)
     shutil.copytree(CHART_DIR, parent / "charts" / "taxonet")
     (parent / "Chart.yaml").write_text("apiVersion: v2\nname: platform\nversion: 1.0.0\n"
-                                       "dependencies:\n  - name: taxonet\n    version: 0.1.0\n")
+                                       "dependencies:\n  - name: taxonet\n    version: 0.2.0\n")
     (parent / "values.yaml").write_text("global:\n  imageRegistry: registry.example.com\n  team: insects\n")
     docs, _ = render(helm, {"taxonet": {"train": {"enabled": False}}}, release="lab", chart=parent)
     assert {d["kind"] for d in docs} >= {"RayService", "PrometheusRule", "NetworkPolicy"}
