@@ -91,10 +91,10 @@ def serve_config_for(variant: str, packaged: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown variant {variant!r}; expected 'gpu' or 'cpu'")
     config = copy.deepcopy(packaged)
     for app in config["applications"]:
-        args = app.setdefault("args", {})
-        args.pop("checkpoint", None)  # serving waits for and follows the alias instead (issue 14)
-        args["model"] = model_reference(GPU_RUN_NAME if variant == "gpu" else DEV_RUN_NAME)
-        args["model_poll_s"] = MODEL_POLL_S
+        # serving waits for and follows the alias instead of a fixed checkpoint (issue 14); listed first
+        rest = {k: v for k, v in app.get("args", {}).items() if k not in ("checkpoint", "model", "model_poll_s")}
+        args = app["args"] = {"model": model_reference(GPU_RUN_NAME if variant == "gpu" else DEV_RUN_NAME),
+                              "model_poll_s": MODEL_POLL_S, **rest}
         ingress = _deployment(app, INGRESS_DEPLOYMENT)
         ingress.setdefault("ray_actor_options", {})["resources"] = {INGRESS_RESOURCE: 1}
         if variant == "cpu":
