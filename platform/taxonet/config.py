@@ -203,9 +203,16 @@ def _number_from_text(text: str) -> Decimal | None:
     return value if value.is_finite() else None
 
 
+def _override_number_text(value: _OverrideValue) -> str:
+    """The text a number key reads: as typed, or inside YAML/JSON quotes (Helm's toJson of a string "5")."""
+    if _number_from_text(value.text) is None and isinstance(value.parsed, str):
+        return value.parsed
+    return value.text
+
+
 def _as_float(value: Any, key: str) -> float:
     if isinstance(value, _OverrideValue):
-        value = value.text
+        value = _override_number_text(value)
     if isinstance(value, str):
         number = _number_from_text(value)
         if number is None:
@@ -220,7 +227,7 @@ def _as_float(value: Any, key: str) -> float:
 
 def _as_int(value: Any, key: str) -> int:
     if isinstance(value, _OverrideValue):
-        value = value.text
+        value = _override_number_text(value)
     shown = value
     if isinstance(value, str):
         number = _number_from_text(value)

@@ -55,6 +55,16 @@ def test_a_float_key_refuses_what_is_not_a_finite_decimal_number(text: str) -> N
         loaded(f"optim.lr={text}")
 
 
+def test_a_quoted_number_is_a_number_for_a_number_key() -> None:
+    """Helm's toJson of a string value "5" and a person's '1e-5' in quotes."""
+    assert loaded('optim.epochs="5"').optim.epochs == 5
+    assert loaded("optim.lr='1e-5'").optim.lr == 1e-5
+    with pytest.raises(ConfigError, match="optim.epochs must be an integer"):
+        loaded('optim.epochs="five"')
+    with pytest.raises(ConfigError, match="optim.epochs must be an integer"):
+        loaded("optim.epochs=0x1A")  # YAML 1.1 reads 26: refused, not taken from the YAML reading
+
+
 def test_null_is_refused_for_number_keys_and_kept_for_optional_strings() -> None:
     with pytest.raises(ConfigError, match="optim.lr may not be null"):
         loaded("optim.lr=null")
