@@ -15,12 +15,16 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Debian's Prometheus for the metrics end-to-end test (needs root; skipped when already installed).
+# System tools the tests use: Debian's `prometheus` package (the Prometheus server for the metrics end-to-end test,
+# promtool for the alert-rule tests in tests/k8s; needs root). kubectl (kustomize) ships with the machine image; it
+# is only checked here, since Debian's kubernetes-client is too old for the overlays.
 system-deps:
-	@command -v prometheus >/dev/null 2>&1 || { \
+	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else echo "prometheus not installed (sudo apt-get install prometheus); its e2e test will be skipped"; fi; }
+	  else echo "prometheus/promtool not installed: sudo apt-get install prometheus (tests need them)"; exit 1; fi; \
+	fi
+	@command -v kubectl >/dev/null 2>&1 || { echo "kubectl not found: tests/k8s render k8s/ with kubectl kustomize"; exit 1; }
 
 # The main job on the embedded default: synthetic data -> prepare -> train (2 Ray CPU workers) -> evaluate -> serve.
 demo: setup

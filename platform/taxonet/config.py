@@ -1,15 +1,25 @@
 """Run configuration: frozen dataclasses loaded from YAML, overridden from the command line.
 
 Configs ship as package data (``taxonet/configs/*.yaml``) and are addressed by name (``--config demo``) or path.
-Overrides are ``section.key=value`` strings whose values are parsed as YAML (``train.epochs=3``,
-``model.weights=null``). The resolved config is saved beside every checkpoint (:meth:`RunConfig.to_dict`).
+Overrides are ``section.key=value`` strings (``train.epochs=3``, ``model.weights=null``); the value is read as YAML
+and then by the type of the key it sets (:func:`_split_override`). The resolved config is saved beside every
+checkpoint (:meth:`RunConfig.to_dict`).
+
+Numbers: a number-typed key takes a number in decimal notation however a person or a template writes it: ``3``,
+``-3.5e-2``, ``1e-5``, ``1E5``, ``1e+06`` (Helm, Go), ``0.00001`` (JSON), with ``_`` between digits as in Python
+(``1_000`` is 1000); an integer key also takes an exact whole number written as a float (``1e+06``, ``2.0``).
+YAML 1.1 alone reads ``1e-5`` as a string and ``010`` as octal 8; here both are numbers in decimal (1e-05, 10).
+Hexadecimal, octal, sexagesimal (``1:30``), ``inf`` and ``nan`` are refused with the key named. A string key
+keeps the text as typed (``train.run_name=007`` is ``"007"``, not 7).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
+from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -151,6 +161,19 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class _OverrideValue:
+    """The value of one ``--set`` override: the text as typed, and its YAML reading.
+
+    Kept together until the key's type is known (:func:`_coerce`): a number key reads the text in decimal
+    notation (YAML 1.1 would give the string ``'1e-5'``), a string key keeps the text (YAML would turn ``007``
+    into 7), every other key takes the YAML reading.
+    """
+
+    text: str
+    parsed: Any
+
+
 def _split_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
@@ -159,10 +182,74 @@ def _split_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
-    return key.strip(), value
+    return key.strip(), _OverrideValue(raw.strip(), value)
+
+
+#: a number in decimal notation: optional sign, digits with a fraction and/or an exponent; ``_`` only between
+#: digits (Python's rule: PEP 515). Written out so that YAML 1.1's octal, hex and sexagesimal forms never match.
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_DECIMAL_NUMBER = re.compile(rf"[+-]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][+-]?{_DIGITS})?")
+
+
+def _number_from_text(text: str) -> Decimal | None:
+    """The exact value of ``text`` when it is a finite number in decimal notation, else None."""
+    text = text.strip()
+    if not _DECIMAL_NUMBER.fullmatch(text):
+        return None
+    try:
+        value = Decimal(text.replace("_", ""))
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
+def _override_number_text(value: _OverrideValue) -> str:
+    """The text a number key reads: as typed, or inside YAML/JSON quotes (Helm's toJson of a string "5")."""
+    if _number_from_text(value.text) is None and isinstance(value.parsed, str):
+        return value.parsed
+    return value.text
+
+
+def _as_float(value: Any, key: str) -> float:
+    if isinstance(value, _OverrideValue):
+        value = _override_number_text(value)
+    if isinstance(value, str):
+        number = _number_from_text(value)
+        if number is None:
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(number)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _as_int(value: Any, key: str) -> int:
+    if isinstance(value, _OverrideValue):
+        value = _override_number_text(value)
+    shown = value
+    if isinstance(value, str):
+        number = _number_from_text(value)
+        if number is None:
+            raise ConfigError(f"{key} must be an integer, got {shown!r}")
+        value = number
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be an integer, got {shown!r}")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be an integer, got {shown!r}")
+        value = Decimal(value)
+    if isinstance(value, Decimal):
+        if value != value.to_integral_value():
+            raise ConfigError(f"{key} must be an integer, got {shown!r}")
+        return int(value)
+    return value
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
+    if isinstance(data, _OverrideValue):  # a whole section given as one override (`--set loss={alpha: 0.3}`)
+        data = data.parsed
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -188,6 +275,20 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     text = str(hint)
+    if hint is float:
+        if isinstance(value, _OverrideValue) and value.parsed is None or value is None:
+            raise ConfigError(f"{key} may not be null")
+        return _as_float(value, key)
+    if hint is int:
+        if isinstance(value, _OverrideValue) and value.parsed is None or value is None:
+            raise ConfigError(f"{key} may not be null")
+        return _as_int(value, key)
+    if isinstance(value, _OverrideValue):
+        # a string key keeps what was typed when YAML would have read it as another scalar (007, 1e-5, true)
+        is_string_key = hint is str or text.startswith("str")
+        if is_string_key and value.parsed is not None and not isinstance(value.parsed, (str, list, dict)):
+            return value.text
+        value = value.parsed
     if value is None:
         if "None" in text:
             return None
@@ -196,14 +297,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true/false, got {value!r}")
         return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
     if hint is str or text.startswith("str"):
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key} must be a string, got {value!r}")
@@ -211,7 +304,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if text.startswith("tuple"):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
-        return tuple(float(v) for v in value)
+        return tuple(_as_float(v, f"{key}[{i}]") for i, v in enumerate(value))
     return value
 
 

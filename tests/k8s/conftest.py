@@ -1,9 +1,9 @@
-"""Fixtures for the deploy-file tests (helpers live in k8s_support.py). None of them needs a cluster."""
+"""Fixtures for the deploy-file tests (helpers live in k8s_support.py). None of them needs a cluster or the network,
+and none skips: a missing tool is a failure that says what to install."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,13 +16,11 @@ if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
 from k8s_support import (  # noqa: E402
-    CHART_DIR, OVERLAYS, REPO_ROOT, SCHEMAS_DIR, HelmRenderer, kustomize_build, pinned_ray_version)
+    CHART_DIR, OVERLAYS, SCHEMAS_DIR, HelmRenderer, k8s_tree_with_dev_secrets, kustomize_build, pinned_ray_version)
 
 
 @pytest.fixture(scope="session")
 def schemas_dir() -> Path:
-    if not (SCHEMAS_DIR / "kuberay" / "jsonschema").is_dir():
-        pytest.skip(f"shared schemas not found at {SCHEMAS_DIR} (CI places a copy of shared/ beside the repo)")
     return SCHEMAS_DIR
 
 
@@ -32,20 +30,20 @@ def ray_version() -> str:
 
 
 @pytest.fixture(scope="session")
-def rendered_overlays() -> dict[str, str]:
+def k8s_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of k8s/ after `overlays/cpu-dev/make-secrets.sh` (the cpu-dev overlay needs its untracked Secrets)."""
+    return k8s_tree_with_dev_secrets(tmp_path_factory.mktemp("k8s-tree"))
+
+
+@pytest.fixture(scope="session")
+def rendered_overlays(k8s_tree: Path) -> dict[str, str]:
     """Rendered manifest text of every overlay, built once per session."""
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl not installed: `kubectl kustomize` renders the overlays")
-    return {name: kustomize_build(REPO_ROOT / "k8s" / "overlays" / name) for name in OVERLAYS}
+    return {name: kustomize_build(k8s_tree / "overlays" / name) for name in OVERLAYS}
 
 
 @pytest.fixture(scope="session")
 def helm() -> HelmRenderer:
-    renderer = HelmRenderer()
-    if not renderer.available:
-        pytest.skip("neither a helm binary nor the helm-python-sdk library: `helm lint`/`helm template` checks need "
-                    "one (pip install helm-python-sdk)")
-    return renderer
+    return HelmRenderer()
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """Offline checks of rendered Kubernetes manifests: strict JSON schemas plus the KubeRay rules schemas cannot express.
 
 Pure functions over parsed YAML documents (dicts); each check returns a list of human-readable problems, empty when
-the documents are fine. Schemas come from ``shared/schemas`` (KUBERNETES.md §2); the KubeRay rules follow the
-operator's validation (ray-operator/controllers/ray/utils/validation.go, KubeRay v1.7.0) and the conventions of
-KUBERNETES.md §3-4.
+the documents are fine. Schemas are vendored in tests/k8s/schemas (SOURCE.md); the KubeRay rules follow the
+operator's validation (ray-operator/controllers/ray/utils/validation.go, KubeRay v1.7.0) and the team's KubeRay
+conventions; the object-store check follows Ray 2.60 (ray/_private/services.py: the object store goes to /dev/shm
+only when /dev/shm has room for all of it, else to disk).
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def schema_path(schemas_dir: Path, api_version: str, kind: str) -> Path:
     """Schema file for apiVersion/kind following KUBERNETES.md §2.2; KeyError for anything unknown."""
     group, _, version = api_version.rpartition("/")
     if group == "ray.io":
-        path = schemas_dir / "kuberay" / "jsonschema" / f"{kind.lower()}_{version}.json"
+        path = schemas_dir / "kuberay" / f"{kind.lower()}_{version}.json"
     elif group == "monitoring.coreos.com":
-        path = schemas_dir / "prometheus-operator" / "jsonschema" / f"{kind.lower()}_{version}.json"
+        path = schemas_dir / "prometheus-operator" / f"{kind.lower()}_{version}.json"
     else:
         stem = f"{kind.lower()}-{group.split('.')[0]}-{version}" if group else f"{kind.lower()}-{version}"
         path = schemas_dir / "k8s" / "v1.32.2-standalone-strict" / f"{stem}.json"
@@ -207,10 +208,9 @@ def kuberay_rule_errors(doc: dict[str, Any], ray_version: str) -> list[str]:
         if gpu_limit:
             if gpu_request is not None and str(gpu_request) != str(gpu_limit):
                 errors.append(f"{at}: {GPU_RESOURCE} request {gpu_request} != limit {gpu_limit}")
+            # the nvidia.com/gpu request places the pod; a nodeSelector is an opt-in, never required
             if not _tolerates_gpu_taint(spec.get("tolerations")):
                 errors.append(f"{at}: GPU group without a toleration for the {GPU_RESOURCE} taint")
-            if not spec.get("nodeSelector") and not (spec.get("affinity") or {}).get("nodeAffinity"):
-                errors.append(f"{at}: GPU group without nodeSelector/nodeAffinity for the GPU pool")
             if "num-gpus" in params:
                 errors.append(f"{at}: num-gpus in rayStartParams duplicates the {GPU_RESOURCE} limit")
         elif gpu_request:
@@ -296,10 +296,16 @@ def security_errors(doc: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Cross-document checks
 
+def all_containers(template: dict[str, Any]) -> list[dict[str, Any]]:
+    """Init containers and containers of a pod template."""
+    spec = template.get("spec") or {}
+    return (spec.get("initContainers") or []) + (spec.get("containers") or [])
+
+
 def secret_references(doc: dict[str, Any]) -> Iterator[tuple[str, str, bool]]:
     """(where, Secret name, optional) for every envFrom/env Secret reference in the document's pod templates."""
     for where, template in pod_templates(doc):
-        for container in (template.get("spec") or {}).get("containers") or []:
+        for container in all_containers(template):
             for source in container.get("envFrom") or []:
                 ref = source.get("secretRef")
                 if ref:
@@ -335,13 +341,17 @@ def s3_secret_errors(docs: list[dict[str, Any]]) -> list[str]:
 def pod_monitor_errors(docs: list[dict[str, Any]]) -> list[str]:
     """Each PodMonitor selects Ray pods we render, and every scraped port name is declared on those pods."""
     errors = []
-    pods = [(where, template) for doc in docs for where, template in pod_templates(doc)]
+    # KubeRay adds the ray.io/* labels to Ray pods only: a selector using them matches no Deployment or Job pod
+    pods = [(where, template, ray_cluster_spec(doc) is not None)
+            for doc in docs for where, template in pod_templates(doc)]
     for monitor in (d for d in docs if d.get("kind") == "PodMonitor"):
         selector = (monitor["spec"].get("selector") or {}).get("matchLabels") or {}
         node_type = selector.get("ray.io/node-type")
         own = {k: v for k, v in selector.items() if not k.startswith("ray.io/")}
-        matched = [(where, t) for where, t in pods
+        needs_ray = any(key.startswith("ray.io/") for key in selector)
+        matched = [(where, t) for where, t, is_ray in pods
                    if all(((t.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in own.items())
+                   and (is_ray or not needs_ray)
                    and (node_type is None or where.endswith("group head") == (node_type == "head"))
                    and not where.endswith("submitter")]
         if not matched:
@@ -390,27 +400,46 @@ def serve_structure(config: dict[str, Any]) -> list[tuple[str, str, str, tuple[s
              tuple(d["name"] for d in app.get("deployments") or [])) for app in config["applications"]]
 
 
+def _group_count(cluster: dict[str, Any], group: dict[str, Any]) -> int:
+    """Pods a worker group can reach: maxReplicas with the Ray autoscaler, else its fixed replicas."""
+    return int(group.get("maxReplicas", 0) if cluster.get("enableInTreeAutoscaling") else group.get("replicas", 0))
+
+
+def group_ray_resources(group: dict[str, Any]) -> dict[str, float]:
+    """Ray resources of one pod of a group: CPU/GPU from the container limits, custom ones from `resources`."""
+    offered = {k: v for k, v in container_resources(group.get("template") or {}).items() if k != "memory"}
+    for name, amount in (group.get("resources") or {}).items():
+        offered[name] = parse_quantity(amount)
+    return offered
+
+
 def serve_capacity_errors(doc: dict[str, Any]) -> list[str]:
-    """Ray autoscaling can hold the Serve replicas at max_replicas: CPUs/GPUs of the worker groups at maxReplicas."""
+    """The worker groups can hold every Serve replica at max_replicas: CPUs, GPUs and custom Ray resources (e.g.
+    taxonet_ingress), counted per replica so that one replica never straddles two pods."""
     config = parse_serve_config(doc)
     cluster = ray_cluster_spec(doc) or {}
-    workers = [(g, container_resources(g.get("template") or {})) for g in cluster.get("workerGroupSpecs") or []]
-    need = {"cpu": 0.0, "gpu": 0.0}
-    biggest = {"cpu": 0.0, "gpu": 0.0}
+    pods = [(group_ray_resources(g), _group_count(cluster, g)) for g in cluster.get("workerGroupSpecs") or []]
+    demands: list[tuple[str, dict[str, float], int]] = []
     for app in config["applications"]:
         for deployment in app.get("deployments") or []:
             options = deployment.get("ray_actor_options") or {}
             replicas = (deployment.get("autoscaling_config") or {}).get("max_replicas",
                                                                         deployment.get("num_replicas", 1))
-            for resource, key in (("cpu", "num_cpus"), ("gpu", "num_gpus")):
-                amount = float(options.get(key, 1 if key == "num_cpus" else 0))
-                need[resource] += replicas * amount
-                biggest[resource] = max(biggest[resource], amount)
-    have = {r: sum(g.get("maxReplicas", 0) * res[r] for g, res in workers) for r in ("cpu", "gpu")}
-    errors = [f"{describe(doc)}: Serve needs up to {need[r]:g} {r.upper()} at max_replicas, worker groups "
-              f"offer {have[r]:g}" for r in ("cpu", "gpu") if need[r] > have[r]]
-    if biggest["gpu"] and not any(res["gpu"] >= biggest["gpu"] for _, res in workers):
-        errors.append(f"{describe(doc)}: no worker group has {biggest['gpu']:g} GPU(s) for one classifier replica")
+            need = {"cpu": float(options.get("num_cpus", 1)), "gpu": float(options.get("num_gpus", 0))}
+            need.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+            demands.append((deployment.get("name"), need, int(replicas)))
+    # place replicas, biggest demands first, into the pods the groups can reach (first fit)
+    free = [dict(res) for res, count in pods for _ in range(count)]
+    errors = []
+    for name, need, replicas in sorted(demands, key=lambda d: (-d[1].get("gpu", 0), -len(d[1]))):
+        for _ in range(replicas):
+            pod = next((p for p in free if all(p.get(k, 0.0) >= v for k, v in need.items() if v)), None)
+            if pod is None:
+                errors.append(f"{describe(doc)}: no room for a {name} replica needing {need} at max_replicas "
+                              f"({replicas}); worker groups offer {[res for res, _ in pods]} x pods")
+                break
+            for key, value in need.items():
+                pod[key] = pod.get(key, 0.0) - value
     return errors
 
 
@@ -445,7 +474,7 @@ def train_capacity_errors(doc: dict[str, Any], num_workers: int, use_gpu: bool, 
         per_pod = int(res["cpu"] // cpus_per_worker) if cpus_per_worker else 0
         if use_gpu:
             per_pod = min(per_pod, int(res["gpu"] // gpus_per_worker)) if gpus_per_worker else per_pod
-        fits += per_pod * int(group.get("maxReplicas", 0))
+        fits += per_pod * _group_count(cluster, group)
     errors = []
     if fits < num_workers:
         errors.append(f"{describe(doc)}: room for {fits} Ray Train workers ({cpus_per_worker:g} CPU"
@@ -455,3 +484,99 @@ def train_capacity_errors(doc: dict[str, Any], num_workers: int, use_gpu: bool, 
     if has_gpu_groups != use_gpu:
         errors.append(f"{describe(doc)}: train.use_gpu={use_gpu} but GPU worker groups present={has_gpu_groups}")
     return errors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: the object store in /dev/shm, read-only root filesystems, the resource budget
+
+GIB = 2**30
+
+
+def _volume(spec: dict[str, Any], mount_path: str, container: dict[str, Any]) -> dict[str, Any] | None:
+    """The pod volume a container mounts at ``mount_path`` (None when nothing is mounted there)."""
+    name = next((m.get("name") for m in container.get("volumeMounts") or [] if m.get("mountPath") == mount_path), None)
+    return next((v for v in spec.get("volumes") or [] if v.get("name") == name), None) if name else None
+
+
+def object_store_errors(doc: dict[str, Any]) -> list[str]:
+    """Every Ray pod sets object-store-memory and mounts a memory-backed /dev/shm at least that large, within its
+    memory limit; otherwise Ray (2.60) puts the object store on disk (default 30 % of memory outgrows /dev/shm)."""
+    cluster = ray_cluster_spec(doc)
+    if cluster is None:
+        return []
+    errors = []
+    for group_name, group in ray_groups(cluster):
+        at = f"{describe(doc)} group {group_name}"
+        spec = (group.get("template") or {}).get("spec") or {}
+        container = (spec.get("containers") or [{}])[0]
+        store_text = (group.get("rayStartParams") or {}).get("object-store-memory")
+        if store_text is None:
+            errors.append(f"{at}: rayStartParams has no object-store-memory (Ray's default outgrows /dev/shm)")
+            continue
+        store = int(store_text)
+        shm = _volume(spec, "/dev/shm", container)
+        if not shm or (shm.get("emptyDir") or {}).get("medium") != "Memory":
+            errors.append(f"{at}: no memory-backed emptyDir mounted at /dev/shm")
+            continue
+        size = parse_quantity((shm.get("emptyDir") or {}).get("sizeLimit", 0))
+        if size < store:
+            errors.append(f"{at}: /dev/shm sizeLimit {size / GIB:g} GiB < object-store-memory {store / GIB:g} GiB")
+        limit = container_resources(group.get("template") or {})["memory"]
+        if limit and size > limit:
+            errors.append(f"{at}: /dev/shm ({size / GIB:g} GiB) larger than the memory limit ({limit / GIB:g} GiB)")
+    return errors
+
+
+def read_only_root_errors(doc: dict[str, Any]) -> list[str]:
+    """Every container we write runs on a read-only root filesystem with a writable /tmp volume."""
+    errors = []
+    for where, template in pod_templates(doc):
+        spec = template.get("spec") or {}
+        for container in all_containers(template):
+            at = f"{where} container {container.get('name')}"
+            if (container.get("securityContext") or {}).get("readOnlyRootFilesystem") is not True:
+                errors.append(f"{at}: readOnlyRootFilesystem is not true")
+            if _volume(spec, "/tmp", container) is None:
+                errors.append(f"{at}: no volume mounted at /tmp")
+    return errors
+
+
+def pod_requests(template: dict[str, Any]) -> tuple[float, float]:
+    """(CPU, memory bytes) a pod requests: its containers together, or its largest init container if larger."""
+    spec = template.get("spec") or {}
+
+    def requests(container: dict[str, Any]) -> tuple[float, float]:
+        values = (container.get("resources") or {}).get("requests") or {}
+        return parse_quantity(values.get("cpu", 0)), parse_quantity(values.get("memory", 0))
+
+    main = [requests(c) for c in spec.get("containers") or []]
+    init = [requests(c) for c in spec.get("initContainers") or []]
+    return (max([sum(c for c, _ in main)] + [c for c, _ in init]),
+            max([sum(m for _, m in main)] + [m for _, m in init]))
+
+
+def requested_resources(docs: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """(CPU, memory bytes) requested per pod source when everything runs at once, every Ray worker group at the
+    most pods it can reach, plus the autoscaler sidecars."""
+    totals: dict[str, tuple[float, float]] = {}
+    for doc in docs:
+        cluster = ray_cluster_spec(doc)
+        if cluster is not None:
+            for name, group in ray_groups(cluster):
+                count = 1 if name == "head" else _group_count(cluster, group)
+                cpu, memory = pod_requests(group.get("template") or {})
+                totals[f"{describe(doc)} group {name} x{count}"] = (cpu * count, memory * count)
+            submitter = (doc.get("spec") or {}).get("submitterPodTemplate")
+            if submitter:
+                totals[f"{describe(doc)} submitter"] = pod_requests(submitter)
+            if cluster.get("enableInTreeAutoscaling"):
+                sidecar = ((cluster.get("autoscalerOptions") or {}).get("resources") or {}).get("requests") or {}
+                totals[f"{describe(doc)} autoscaler"] = (parse_quantity(sidecar.get("cpu", "500m")),
+                                                        parse_quantity(sidecar.get("memory", "512Mi")))
+        elif doc.get("kind") in ("Deployment", "StatefulSet", "Job"):
+            if ((doc.get("metadata") or {}).get("annotations") or {}).get("helm.sh/hook") == "test":
+                continue  # runs only during `helm test`
+            count = int((doc.get("spec") or {}).get("replicas", 1))
+            cpu, memory = pod_requests((doc.get("spec") or {}).get("template") or {})
+            totals[describe(doc)] = (cpu * count, memory * count)
+    return totals

@@ -1,12 +1,15 @@
 """Helpers of the deploy-file tests: repository paths, the pinned Ray version, kustomize and Helm renderers.
 
-Nothing here needs a cluster. kustomize runs as `kubectl kustomize`; Helm charts are rendered with a `helm` binary
-where one exists, else with the helm-python-sdk library (Helm's own Go code, no cluster needed). A module of its own
-rather than conftest.py, because `from conftest import ...` is ambiguous next to tests/conftest.py.
+Nothing here needs a cluster or the network. kustomize runs as `kubectl kustomize` (kubectl ships with this
+project's machine image); Helm charts are rendered with a `helm` binary where one exists, else with the
+helm-python-sdk library (a dev dependency: Helm's own Go code, no cluster needed). The JSON schemas are vendored in
+tests/k8s/schemas. A missing tool fails the tests with what to install: they never skip. A module of its own rather
+than conftest.py, because `from conftest import ...` is ambiguous next to tests/conftest.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import shutil
@@ -21,10 +24,12 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-#: CI clones the repository with a read-only copy of shared/ beside it
-SCHEMAS_DIR = REPO_ROOT.parent / "shared" / "schemas"
+#: strict JSON schemas of every kind the manifests use (SOURCE.md there says where they come from)
+SCHEMAS_DIR = Path(__file__).resolve().parent / "schemas"
 CHART_DIR = REPO_ROOT / "helm" / "taxonet"
 OVERLAYS = ("cpu-dev", "gpu")
+#: the chart's values files besides values.yaml, by name
+CHART_VALUES_FILES = {"cpu-dev": CHART_DIR / "values-cpu-dev.yaml", "gpu": CHART_DIR / "values-gpu.yaml"}
 
 
 def pinned_ray_version() -> str:
@@ -50,12 +55,66 @@ def load_generator() -> ModuleType:
     return module
 
 
+def require_tool(name: str, hint: str) -> str:
+    """Path of a command-line tool the tests need (AssertionError saying how to install it when missing)."""
+    path = shutil.which(name)
+    if path is None:
+        raise AssertionError(f"{name} not found on PATH: {hint}")
+    return path
+
+
 def kustomize_build(path: Path) -> str:
     """`kubectl kustomize PATH` output (AssertionError with kustomize's message when it fails)."""
-    result = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([require_tool("kubectl", "kubectl (with kustomize) renders k8s/; install kubectl"),
+                             "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise AssertionError(f"kubectl kustomize {path} failed:\n{result.stderr}")
     return result.stdout
+
+
+def k8s_tree_with_dev_secrets(destination: Path) -> Path:
+    """A copy of k8s/ whose cpu-dev overlay has run make-secrets.sh, as a user does first; returns the copy."""
+    tree = destination / "k8s"
+    shutil.copytree(REPO_ROOT / "k8s", tree, ignore=shutil.ignore_patterns("*.env"))
+    subprocess.run(["sh", str(tree / "overlays" / "cpu-dev" / "make-secrets.sh")], check=True, capture_output=True,
+                   timeout=60)
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The contracts the manifests are written against, checked with the package's own parsers. Two of them land with
+# other branches (issue 14): the `registry:` run-config section and the Serve args `model`/`model_poll_s`. Until the
+# package has them, these helpers check those keys against the contract here and pass the rest to the package.
+
+REGISTRY_KEYS = {"uri", "name", "promote"}
+
+
+def load_run_config(name: str, overrides: list[str]):  # noqa: ANN201
+    """taxonet.config.load_config(name, overrides), registry.* checked against contract 3 if the package lacks it."""
+    from taxonet.config import RunConfig, load_config
+
+    if "registry" not in {f.name for f in dataclasses.fields(RunConfig)}:
+        registry = [o for o in overrides if o.startswith("registry.")]
+        for override in registry:
+            key, _, value = override.partition("=")
+            assert key.split(".", 1)[1] in REGISTRY_KEYS, f"{key} is not a registry key of contract 3"
+            assert value == "" or key != "registry.uri" or re.match(r"^(s3://|file://|/)", value), override
+        overrides = [o for o in overrides if o not in registry]
+    return load_config(name, overrides)
+
+
+def validate_serve_args(args: dict[str, Any]) -> None:
+    """ServeArgs.model_validate(args); `model`/`model_poll_s` checked against contract 4 if the package lacks them."""
+    from taxonet.serve.config import ServeArgs
+
+    if "model" not in ServeArgs.model_fields:
+        args = dict(args)
+        reference = args.pop("model")
+        poll = args.pop("model_poll_s", 30)
+        assert re.match(r"^(s3://[^/]+/.+|file:///.+|/.+)$", reference), f"not a model reference: {reference}"
+        assert isinstance(poll, (int, float)) and poll > 0, f"model_poll_s must be a positive number: {poll}"
+        args["checkpoint"] = reference.split("@", 1)[0]
+    ServeArgs.model_validate(args)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -82,20 +141,23 @@ class HelmRenderer:
         if self.binary is None:
             try:
                 import helm_python
-            except ImportError:
-                helm_python = None
+            except ImportError as exc:
+                raise AssertionError("neither a helm binary nor the helm-python-sdk library (a dev dependency: "
+                                     "pip install -e '.[dev]') to render the chart") from exc
             self.library = helm_python
 
-    @property
-    def available(self) -> bool:
-        return bool(self.binary or self.library)
+    def values_from_yaml(self, text: str) -> dict[str, Any]:
+        """A values document read as Helm reads it (Go YAML: `1e-5` is a number), not as PyYAML would."""
+        if self.library is not None:
+            return self.library.values_from_yaml(text)
+        return yaml.safe_load(text)  # the helm binary gets the text itself through _values_args
 
     def template(self, values: dict[str, Any] | None = None, release: str = "taxonet",
-                 namespace: str = "taxonet") -> dict[str, str]:
+                 namespace: str = "taxonet", chart: Path = CHART_DIR) -> dict[str, str]:
         """Rendered templates by file name (NOTES.txt included where the renderer provides it)."""
         if self.binary:
             with tempfile.TemporaryDirectory() as tmp:
-                args = [self.binary, "template", release, str(CHART_DIR), "--namespace", namespace]
+                args = [self.binary, "template", release, str(chart), "--namespace", namespace]
                 args += self._values_args(values, Path(tmp))
                 result = subprocess.run(args, capture_output=True, text=True, timeout=60)
             if result.returncode != 0:
@@ -103,8 +165,8 @@ class HelmRenderer:
             return {"all.yaml": result.stdout}
         try:
             # render() coalesces the values with the chart defaults and validates them against values.schema.json
-            with self.library.Chart.load(str(CHART_DIR)) as chart:
-                return chart.render(values=values or {}, name=release, namespace=namespace, is_install=True)
+            with self.library.Chart.load(str(chart)) as loaded:
+                return loaded.render(values=values or {}, name=release, namespace=namespace, is_install=True)
         except self.library.HelmError as exc:
             raise HelmError(str(exc)) from exc
 

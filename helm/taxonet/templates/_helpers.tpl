@@ -33,7 +33,7 @@ most 47 characters; 40 + "-train" fits, and anything else fails the render with 
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Labels that select this release's pods (PodMonitors, PDB). */}}
+{{/* Labels that select this release's pods (PodMonitors, PDB, NetworkPolicy). */}}
 {{- define "taxonet.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "taxonet.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -64,17 +64,69 @@ app.kubernetes.io/part-of: taxonet
 {{- printf "%s:%s" .Values.image.repository $tag }}
 {{- end }}
 
+{{/*
+A word quoted for a POSIX shell, as Python's shlex.quote does: the RayJob entrypoint is run by a shell (KubeRay's
+submitter, then Ray's job supervisor). Words of safe characters stay as they are; any other is single-quoted, with
+embedded single quotes written as '\''.
+*/}}
+{{- define "taxonet.shellQuote" -}}
+{{- $word := toString . }}
+{{- if regexMatch "^[A-Za-z0-9_@%+=:,./-]+$" $word }}
+{{- $word }}
+{{- else -}}
+'{{ replace "'" "'\\''" $word }}'
+{{- end }}
+{{- end }}
+
+{{/*
+Bytes of a quantity written as <n>Mi or <n>Gi (values.schema.json allows only these), for Ray's
+object-store-memory, which takes a plain number of bytes.
+*/}}
+{{- define "taxonet.bytes" -}}
+{{- $q := toString . }}
+{{- if hasSuffix "Gi" $q }}
+{{- mul (trimSuffix "Gi" $q | int64) 1073741824 }}
+{{- else if hasSuffix "Mi" $q }}
+{{- mul (trimSuffix "Mi" $q | int64) 1048576 }}
+{{- else }}
+{{- fail (printf "quantity %q must be written as <n>Mi or <n>Gi" $q) }}
+{{- end }}
+{{- end }}
+
+{{/* The in-cluster S3 server's Service (devS3). */}}
+{{- define "taxonet.devS3Name" -}}
+{{- printf "%s-s3" (include "taxonet.fullname" .) }}
+{{- end }}
+
 {{/* The Secret with the AWS_* variables: an existing one, or the one this chart makes (templates/secret.yaml). */}}
 {{- define "taxonet.s3SecretName" -}}
 {{- .Values.s3.existingSecret | default (printf "%s-s3" (include "taxonet.fullname" .)) }}
 {{- end }}
 
-{{/* The Secret holding TAXONET_API_TOKEN, or "" when serving runs without a token. */}}
+{{/* S3 endpoint of the chart-made Secret: the configured one, else the in-cluster server's when devS3 is on. */}}
+{{- define "taxonet.s3Endpoint" -}}
+{{- if .Values.s3.endpointUrl }}
+{{- .Values.s3.endpointUrl }}
+{{- else if .Values.devS3.enabled }}
+{{- printf "http://%s:%d" (include "taxonet.devS3Name" .) (int .Values.devS3.port) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret holding the API token(s). Packaged deployments never run the API open: without an existing Secret, a
+value or `generate: true`, the render fails, unless serve.auth is set to none explicitly (then "").
+*/}}
 {{- define "taxonet.apiTokenSecretName" -}}
-{{- if .Values.serve.apiToken.existingSecret }}
-{{- .Values.serve.apiToken.existingSecret }}
-{{- else if .Values.serve.apiToken.value }}
+{{- $token := .Values.serve.apiToken }}
+{{- if eq .Values.serve.auth "none" }}
+{{- else if $token.existingSecret }}
+{{- $token.existingSecret }}
+{{- else if or $token.value $token.generate }}
 {{- printf "%s-api-token" (include "taxonet.fullname" .) }}
+{{- else }}
+{{- fail (printf "%s %s"
+    "serve.apiToken: the API needs a token. Set existingSecret (a Secret you created), value, or generate: true;"
+    "or set serve.auth=none to run /v1/* without authentication (not for shared clusters).") }}
 {{- end }}
 {{- end }}
 
@@ -91,7 +143,37 @@ resources:
 # The sidecar's own context: it joins the head pod, whose pod-level context also applies.
 securityContext:
   {{- $restricted := dict "runAsNonRoot" true "seccompProfile" (dict "type" "RuntimeDefault") }}
-  {{- toYaml (merge $restricted .Values.securityContext) | nindent 2 }}
+  {{- toYaml (merge $restricted (omit .Values.securityContext "readOnlyRootFilesystem")) | nindent 2 }}
+{{- end }}
+
+{{/* Volume mounts for the writable paths of a taxonet container on a read-only root filesystem. */}}
+{{- define "taxonet.scratchMounts" -}}
+- {name: tmp, mountPath: /tmp}
+- {name: cache, mountPath: /home/ray/.cache}
+{{- end }}
+
+{{- define "taxonet.scratchVolumes" -}}
+- {name: tmp, emptyDir: {}}
+- {name: cache, emptyDir: {}}
+{{- end }}
+
+{{/*
+rayStartParams of a group: object-store-memory from objectStoreMemory, and the group's /dev/shm (shmSize) must hold
+it, or Ray falls back to a disk-backed object store. Arguments: name (for messages), group, head (bool).
+*/}}
+{{- define "taxonet.rayStartParams" -}}
+{{- $store := include "taxonet.bytes" .group.objectStoreMemory | int64 }}
+{{- $shm := include "taxonet.bytes" .group.shmSize | int64 }}
+{{- if lt $shm $store }}
+{{- fail (printf "%s: shmSize (%s) must be at least objectStoreMemory (%s), or Ray's object store falls back to disk"
+    .name .group.shmSize .group.objectStoreMemory) }}
+{{- end }}
+{{- if .head }}
+num-cpus: "0"
+num-gpus: "0"
+dashboard-host: "0.0.0.0"
+{{- end }}
+object-store-memory: {{ $store | toString | quote }}
 {{- end }}
 
 {{/*
@@ -175,19 +257,16 @@ spec:
       {{- end }}
       volumeMounts:
         - {name: ray-logs, mountPath: /tmp/ray}
-        {{- if $group.shmSize }}
+        {{- include "taxonet.scratchMounts" . | nindent 8 }}
         - {name: dshm, mountPath: /dev/shm}
-        {{- end }}
   volumes:
-    - name: ray-logs
-      emptyDir: {}
-    {{- if $group.shmSize }}
-    # Ray's object store and DataLoader workers need more than the default 64 MiB /dev/shm.
+    - {name: ray-logs, emptyDir: {}}
+    {{- include "taxonet.scratchVolumes" . | nindent 4 }}
+    # Ray's object store lives in /dev/shm: sized to hold object-store-memory (counts against the memory limit).
     - name: dshm
       emptyDir:
         medium: Memory
         sizeLimit: {{ $group.shmSize }}
-    {{- end }}
 {{- end }}
 
 {{/*
@@ -196,9 +275,8 @@ num-cpus/num-gpus 0: no tasks, Train workers or Serve replicas are scheduled on 
 */}}
 {{- define "taxonet.headGroupSpec" -}}
 rayStartParams:
-  num-cpus: "0"
-  num-gpus: "0"
-  dashboard-host: "0.0.0.0"
+  {{- include "taxonet.rayStartParams" (dict "name" (printf "%s.head" .component) "group" .head "head" true)
+      | nindent 2 }}
 template:
   {{- $pod := dict "root" .root "component" .component "group" .head "head" true "serve" .serve }}
   {{- include "taxonet.rayPodTemplate" $pod | nindent 2 }}
@@ -206,7 +284,8 @@ template:
 
 {{/*
 Enabled worker groups, sorted by name. Arguments: root, component, groups (map name -> values), serve (bool).
-KubeRay derives each group's Ray GPU count from its nvidia.com/gpu limit, so rayStartParams stay empty.
+KubeRay derives each group's Ray CPU and GPU count from its container limits; rayResources adds custom Ray
+resources (group `resources` field), e.g. taxonet_ingress on serving's CPU group.
 */}}
 {{- define "taxonet.workerGroupSpecs" -}}
 {{- $args := . }}
@@ -223,7 +302,15 @@ KubeRay derives each group's Ray GPU count from its nvidia.com/gpu limit, so ray
   {{- if $group.idleTimeoutSeconds }}
   idleTimeoutSeconds: {{ int $group.idleTimeoutSeconds }}
   {{- end }}
-  rayStartParams: {}
+  {{- with $group.rayResources }}
+  resources:
+    {{- range $resource, $amount := . }}
+    {{ $resource }}: {{ $amount | toString | quote }}
+    {{- end }}
+  {{- end }}
+  rayStartParams:
+    {{- $where := printf "%s.workerGroups.%s" $args.component $name }}
+    {{- include "taxonet.rayStartParams" (dict "name" $where "group" $group "head" false) | nindent 4 }}
   template:
     {{- $pod := dict "root" $args.root "component" $args.component "group" $group "head" false "serve" $args.serve }}
     {{- include "taxonet.rayPodTemplate" $pod | nindent 4 }}
@@ -245,34 +332,93 @@ ray_actor_options:
   {{- if .values.numGpus }}
   num_gpus: {{ int .values.numGpus }}
   {{- end }}
+  {{- with .values.rayResources }}
+  resources:
+    {{- range $resource, $amount := . }}
+    {{ $resource }}: {{ $amount }}
+    {{- end }}
+  {{- end }}
 {{- end }}
 
 {{/*
 The Ray Serve config (serveConfigV2), same structure as the package's configs/serve.yaml: one application,
-deployments TaxonetIngress and TaxonetClassifier with Serve autoscaling.
+deployments TaxonetIngress and TaxonetClassifier with Serve autoscaling. A custom Ray resource a deployment needs
+must be offered by an enabled worker group, or its replicas would wait forever.
 */}}
 {{- define "taxonet.serveConfig" -}}
 {{- $serve := .Values.serve }}
+{{- range $deployment := list "ingress" "classifier" }}
+{{- range $resource, $_ := (index $serve $deployment).rayResources }}
+{{- $offered := false }}
+{{- range $name, $group := $serve.workerGroups }}
+{{- if and $group.enabled (hasKey ($group.rayResources | default dict) $resource) }}
+{{- $offered = true }}
+{{- end }}
+{{- end }}
+{{- if not $offered }}
+{{- fail (printf "serve.%s.rayResources needs %q, which no enabled serve.workerGroups.* offers in rayResources"
+    $deployment $resource) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $ingress := include "taxonet.serveDeployment" (dict "name" "TaxonetIngress" "values" $serve.ingress) | fromYaml }}
 {{- $classifier := include "taxonet.serveDeployment" (dict "name" "TaxonetClassifier" "values" $serve.classifier)
     | fromYaml }}
 {{- $app := dict "name" $serve.appName "route_prefix" $serve.routePrefix "import_path" $serve.importPath }}
 {{- $_ := set $app "args" $serve.args }}
 {{- $_ = set $app "deployments" (list $ingress $classifier) }}
-{{- $http := dict "host" "0.0.0.0" "port" 8000 }}
+{{- $http := merge (deepCopy ($serve.httpOptions | default dict)) (dict "host" "0.0.0.0" "port" 8000) }}
 {{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $app)) }}
 {{- end }}
 
-{{/* The `taxonet train` command line of the RayJob. */}}
+{{/*
+The `taxonet train` command line of the RayJob, one shell-quoted word per argument. Fixed keys are written as
+validated text; train.overrides values with toJson, so numbers reach `taxonet train --set` as JSON numbers
+(1e-05 as 0.00001, 1000000 as 1000000, never Go's 1e+06 from %v) and strings keep their exact text.
+*/}}
 {{- define "taxonet.trainEntrypoint" -}}
 {{- $train := .Values.train }}
-{{- $parts := list "taxonet" "train" "--config" $train.config }}
-{{- $parts = concat $parts (list "--set" (printf "data.dataset=%s" $train.dataset)) }}
-{{- $parts = concat $parts (list "--set" (printf "train.storage=%s" $train.storage)) }}
-{{- $parts = concat $parts (list "--set" (printf "train.num_workers=%d" (int $train.numWorkers))) }}
-{{- $parts = concat $parts (list "--set" (printf "train.use_gpu=%t" $train.useGpu)) }}
-{{- range $key, $value := $train.overrides }}
-{{- $parts = concat $parts (list "--set" (printf "%s=%v" $key $value | squote)) }}
+{{- $sets := list (printf "data.dataset=%s" $train.dataset) (printf "train.storage=%s" $train.storage)
+    (printf "train.num_workers=%d" (int $train.numWorkers)) (printf "train.use_gpu=%t" $train.useGpu) }}
+{{- with $train.registry }}
+{{- if .uri }}
+{{- $sets = append $sets (printf "registry.uri=%s" .uri) }}
+{{- with .name }}{{ $sets = append $sets (printf "registry.name=%s" .) }}{{ end }}
+{{- with .promote }}{{ $sets = append $sets (printf "registry.promote=%s" .) }}{{ end }}
 {{- end }}
-{{- join " " $parts }}
+{{- end }}
+{{- with .Values.weights.uri }}
+{{- $sets = append $sets (printf "model.weights=%s" .) }}
+{{- end }}
+{{- range $key, $value := $train.overrides }}
+{{- $sets = append $sets (printf "%s=%s" $key (toJson $value)) }}
+{{- end }}
+{{- $words := list "taxonet" "train" "--config" $train.config }}
+{{- range $set := $sets }}
+{{- $words = concat $words (list "--set" $set) }}
+{{- end }}
+{{- $quoted := list }}
+{{- range $word := $words }}
+{{- $quoted = append $quoted (include "taxonet.shellQuote" $word) }}
+{{- end }}
+{{- join " " $quoted }}
+{{- end }}
+
+{{/* Python for the wait-for-inputs init container: waits until every URI given as an argument exists. */}}
+{{- define "taxonet.waitForInputsScript" -}}
+import os, sys, time
+from taxonet.storage import exists
+pending, deadline = list(sys.argv[1:]), time.monotonic() + float(os.environ.get("WAIT_S", "3600"))
+while pending:
+    try:
+        pending = [uri for uri in pending if not exists(uri)]
+    except Exception as exc:  # S3 not reachable yet: keep waiting, say why
+        print(f"cannot check inputs yet: {exc}", flush=True)
+    if not pending:
+        break
+    if time.monotonic() > deadline:
+        sys.exit(f"gave up waiting for {', '.join(pending)}")
+    print(f"waiting for {', '.join(pending)}", flush=True)
+    time.sleep(15)
+print("inputs present", flush=True)
 {{- end }}
