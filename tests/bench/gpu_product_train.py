@@ -210,7 +210,8 @@ def main() -> None:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-                ray.init(num_cpus=int(cores) if not args.smoke else 2, num_gpus=1 if cuda else 0,
+                # address="local": a Ray of its own, never a cluster started on the machine with `ray start`
+                ray.init(address="local", num_cpus=int(cores) if not args.smoke else 2, num_gpus=1 if cuda else 0,
                          include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
                 ray_started = True
             config_threads = args.loader_threads or (1 if args.smoke else 0)

@@ -53,6 +53,10 @@ ANCHORS = (
     ("ResNet50-MTL 128 px", "resnet50", 128, 512, 11575.0),
     ("EfficientNet-B3-MTL 300 px", "efficientnet_b3", 300, 256, 1348.0),
 )
+#: JPEG decode + resize of 256 px crops on the H100 box (ENVIRONMENT.md): PIL with draft mode in 16 processes, and
+#: nvjpeg on the GPU (torchvision.io.decode_jpeg, batch 128)
+PIL_16_PROCESSES_IMG_S = 7877.0
+NVJPEG_IMG_S = 16632.0
 #: a realistic monitoring taxonomy (assumed: a national insect survey) next to the 4/5/9 demo tree
 REALISTIC_HEADS = {"order": 12, "family": 150, "species": 1000}
 
@@ -261,6 +265,15 @@ def main() -> None:
         stored = img_s * max(conservative[side], conservative[256]) / 1e6  # a crop is never stored below input
         print(f"| {label} | {img_s:,.0f} | {conservative[side] / 1e3:.1f} | {rate:,.0f} | {stored:,.0f} | "
               f"{8 * rate * 8 / 1e3:.1f} / {8 * stored * 8 / 1e3:.1f} |")
+
+    per_process = PIL_16_PROCESSES_IMG_S / 16
+    print(f"\nDecode to keep a GPU at its anchor speed, from the decode rates of 256 px crops (PIL with draft mode: "
+          f"{per_process:.0f} img/s per process, {PIL_16_PROCESSES_IMG_S:,.0f} on 16; nvjpeg "
+          f"{NVJPEG_IMG_S:,.0f} img/s on one H100):\n")
+    print("| model | anchor img/s per GPU | CPU decode processes per GPU (256 px crops) | nvjpeg share of its rate |")
+    print("|---|---|---|---|")
+    for label, _, _, _, img_s in ANCHORS:
+        print(f"| {label} | {img_s:,.0f} | {img_s / per_process:.1f} | {img_s / NVJPEG_IMG_S:.0%} |")
 
     # 3. all-reduce time and efficiency
     eff = args.eth_efficiency
