@@ -221,7 +221,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print("# scaling_model.py")
-    print(f"- command: `python tests/bench/scaling_model.py {' '.join(sys.argv[1:])}`".rstrip() + "")
+    print(f"- command: `{' '.join(['python tests/bench/scaling_model.py', *sys.argv[1:]])}`")
     print(f"- machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}; "
           f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"- assumptions: NVLink busbw {args.nvlink_gbs:.0f} GB/s per GPU, alpha {args.nvlink_alpha_us:.0f} µs; "
