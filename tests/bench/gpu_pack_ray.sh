@@ -27,7 +27,7 @@ VENV_PY=${VENV_PY:-$HERE/.venv/bin/python}
 # set (each was an ImportError on the training path, or is required by one that was). Versions: the local venv's.
 EXTRAS=(click msgpack packaging protobuf PyYAML requests urllib3 idna charset-normalizer certifi
         jsonschema jsonschema-specifications referencing attrs rpds-py
-        pandas python-dateutil six pydantic pydantic-core annotated-types typing-inspection)
+        pandas python-dateutil six pydantic pydantic-core annotated-types typing-inspection tqdm)
 # The base set: these distributions and everything they require (PyTorch brings filelock, fsspec, jinja2, networkx,
 # sympy, typing_extensions, triton and the nvidia-* CUDA libraries). Never bundled; --check links exactly these.
 BASE=(torch torchvision pillow numpy pyarrow)
@@ -120,9 +120,10 @@ EOF
 
 run_check() {
   [ -f "$BUNDLE" ] || pack
-  local root py
-  root=$(mktemp -d /tmp/raycheck-XXXXXX)
-  trap 'rm -rf "$root"' EXIT
+  local py
+  CHECK_ROOT=$(mktemp -d /tmp/raycheck-XXXXXX)
+  trap 'rm -rf "$CHECK_ROOT"' EXIT
+  local root=$CHECK_ROOT
   mkdir -p "$root/site"
   tar -xJf "$BUNDLE" -C "$root/site"
   py=$(isolated_python "$root" | tail -1)
@@ -153,6 +154,7 @@ def loop(config):
             optimizer.zero_grad(); loss.backward(); optimizer.step()
             total += float(loss)
         ray.train.report({"epoch": epoch, "loss": total})
+    return {"epoch": epoch, "loss": total}  # Train V2 keeps only checkpointed metrics in Result.metrics
 
 ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 started = time.time()
@@ -160,9 +162,9 @@ trainer = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, use_gpu
                        datasets={"train": ray.data.range(256).map(lambda r: {"x": r["id"] / 256})},
                        run_config=RunConfig(name="bundle-check", storage_path=tempfile.mkdtemp()))
 result = trainer.fit()
-assert result.error is None and result.metrics["epoch"] == 1, result
+assert result.error is None and result.return_value["epoch"] == 1, result
 print(f"bundle check: ray {ray.__version__} from {ray.__file__}; 1-worker TorchTrainer (torch {torch.__version__}) "
-      f"with ray.data: 2 epochs in {time.time() - started:.1f} s, last loss {result.metrics['loss']:.4f}")
+      f"with ray.data: 2 epochs in {time.time() - started:.1f} s, last loss {result.return_value['loss']:.4f}")
 ray.shutdown()
 EOF
 }
