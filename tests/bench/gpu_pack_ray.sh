@@ -79,7 +79,9 @@ isolated_python() {
   local root=$1 base=$1/base
   local major_minor
   major_minor=$("$VENV_PY" -c "import sys; print('%d.%d' % sys.version_info[:2])")
-  [ "$major_minor" = "$PYVER" ] || { echo "--check $PYVER needs a local Python $PYVER venv (have $major_minor)"; exit 2; }
+  if [ "$major_minor" != "$PYVER" ]; then
+    echo "--check $PYVER needs a local Python $PYVER venv with torch (VENV_PY has $major_minor)"; exit 2
+  fi
   local real
   real=$("$VENV_PY" -c "import sys; print(sys._base_executable)")
   "$real" -m venv --without-pip "$root/venv"
