@@ -110,7 +110,7 @@ def write_manifest(directory: str | Path, name: str | None = None, version: str 
     manifest's; ``extra`` adds top-level keys (the registry records where a version came from).
     """
     directory = Path(directory)
-    old = _parse_manifest((directory / MANIFEST).read_bytes(), directory) if (directory / MANIFEST).exists() else {}
+    old = parse_manifest((directory / MANIFEST).read_bytes(), directory) if (directory / MANIFEST).exists() else {}
     if files is None:
         names = [n for n in KNOWN_FILES if (directory / n).is_file()]
         ignored = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in KNOWN_FILES
@@ -148,7 +148,7 @@ def _safe_name(name: str, where: Any) -> str:
         raise CheckpointError(f"checkpoint {where}: {exc}") from None
 
 
-def _parse_manifest(data: bytes, where: Any) -> dict[str, Any]:
+def parse_manifest(data: bytes, where: Any) -> dict[str, Any]:
     try:
         manifest = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -177,7 +177,7 @@ def manifest_bytes(uri: str | Path) -> bytes:
 
 def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
     """The manifest of a checkpoint (local directory or URI); with ``verify``, every listed file is hashed too."""
-    manifest = _parse_manifest(manifest_bytes(directory), directory)
+    manifest = parse_manifest(manifest_bytes(directory), directory)
     if verify:
         for name, info in manifest["files"].items():
             _check_digest(directory, name, info, _hash_stream(directory, name))
@@ -230,7 +230,7 @@ def verify_checkpoint(uri: str | Path, *, allow_extra_files: bool = False) -> di
     size and sha256 (streamed, nothing kept on disk); no key below the directory escapes it; and, unless
     ``allow_extra_files`` (a run's own checkpoints, where Ray Train may add metadata), no unlisted file.
     """
-    manifest = _parse_manifest(manifest_bytes(uri), uri)
+    manifest = parse_manifest(manifest_bytes(uri), uri)
     missing = [n for n in REQUIRED_FILES if n not in manifest["files"]]
     if missing:
         raise CheckpointError(f"{uri}: {MANIFEST} does not list {missing} (not a complete checkpoint)")
@@ -389,7 +389,7 @@ def materialize(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
             raise CheckpointError(f"checkpoint {text} not found (expected a directory)")
         return local
     target = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="taxonet-ckpt-"))
-    manifest = _parse_manifest(manifest_bytes(text), text)
+    manifest = parse_manifest(manifest_bytes(text), text)
     _copy_listed(text, str(target), manifest)
     read_manifest(target)
     return target
@@ -424,7 +424,7 @@ def load_checkpoint(uri: str | Path, device: str | torch.device = "cpu", *, load
     text = str(uri)
     if storage.is_local(text) and not storage.local_path(text).is_dir():
         raise CheckpointError(f"checkpoint {text} not found (expected a directory)")
-    manifest = _parse_manifest(manifest_bytes(text), text)
+    manifest = parse_manifest(manifest_bytes(text), text)
     missing = [n for n in REQUIRED_FILES if n not in manifest["files"]]
     if missing:
         raise CheckpointError(f"{text}: {MANIFEST} does not list {missing} (not a complete checkpoint)")
@@ -497,7 +497,7 @@ def _checkpoint_parts(checkpoint: LoadedCheckpoint | str | Path) -> tuple[Taxono
     if isinstance(checkpoint, LoadedCheckpoint):
         return checkpoint.taxonomy, checkpoint.config.to_dict().get("model", {}), checkpoint.path
     text = str(checkpoint)
-    manifest = _parse_manifest(manifest_bytes(text), text)
+    manifest = parse_manifest(manifest_bytes(text), text)
     taxonomy = Taxonomy.from_dict(read_listed_json(text, "taxonomy.json", manifest))
     return taxonomy, dict(read_listed_json(text, "config.json", manifest).get("model", {})), text
 

@@ -602,6 +602,27 @@ def list_relative(uri_prefix: str | os.PathLike) -> dict[str, int]:
     return dict(sorted(entries.items()))
 
 
+def list_children(uri_prefix: str | os.PathLike) -> dict[str, bool]:
+    """The entries directly below a directory/prefix as ``{name: is_directory}`` (not recursive), sorted.
+
+    On S3 a "directory" is a common key prefix. Names that could not be a path segment (``..``) are refused.
+    """
+    text = check_uri(uri_prefix)
+    filesystem, root = pyarrow_filesystem(text)
+    try:
+        infos = filesystem.get_file_info(fs.FileSelector(root, recursive=False, allow_not_found=True))
+    except NotADirectoryError:
+        return {}
+    except Exception as exc:
+        raise _translate(exc, "list", text) from None
+    children = {}
+    for info in infos:
+        name = _relative_key(info.path, root)
+        if "/" not in name and info.type in (fs.FileType.File, fs.FileType.Directory):
+            children[name] = info.type == fs.FileType.Directory
+    return dict(sorted(children.items()))
+
+
 def list_files(uri_prefix: str | os.PathLike) -> list[str]:
     """All files below a directory prefix (recursive), as URIs in the prefix's style, sorted.
 
