@@ -308,8 +308,13 @@ def verify(reference: str | ModelReference) -> dict[str, Any]:
 
 def show(reference: str | ModelReference, *, check: bool = True) -> dict[str, Any]:
     """A description of what a reference points at: resolution, manifest summary, metrics, aliases, verification."""
-    resolved = resolve(reference)
-    manifest = parse_manifest(manifest_bytes(resolved.uri), resolved.uri)
+    try:
+        resolved = resolve(reference)
+        manifest = parse_manifest(manifest_bytes(resolved.uri), resolved.uri)
+    except NotPublishedError:
+        raise
+    except CheckpointError as exc:  # a version whose manifest itself is refused: say so rather than fail
+        return {"reference": str(reference), "verified": False, "verify_error": str(exc)}
     out: dict[str, Any] = {
         "reference": resolved.reference, "uri": resolved.uri, "name": resolved.name, "version": resolved.version,
         "alias": resolved.alias, "fingerprint": resolved.fingerprint, "created": manifest.get("created"),
