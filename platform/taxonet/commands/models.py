@@ -156,7 +156,7 @@ def _stage_weights(args: argparse.Namespace) -> int:
     spec = BACKBONES.get(args.backbone)
     if spec is None:
         raise CheckpointError(f"unknown backbone {args.backbone!r}; available: {sorted(BACKBONES)}")
-    uri = args.uri
+    uri = storage.check_uri(args.uri)  # a bad target fails before a download of hundreds of MB
     if args.source:
         payload = storage.read_bytes(args.source)
         file_name = args.source.rstrip("/").rsplit("/", 1)[-1]
