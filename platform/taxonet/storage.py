@@ -249,6 +249,46 @@ def relative_to(uri: str, base: str) -> str:
     return safe_relative(relative)
 
 
+def parent(uri: str | os.PathLike) -> str:
+    """The URI of the directory holding ``uri``, in its style (``s3://b/runs/x/best`` → ``s3://b/runs/x``)."""
+    text = check_uri(uri).rstrip("/")
+    if text.startswith((S3_SCHEME, FILE_SCHEME)):
+        head = posixpath.dirname(text)
+        return head if len(head) > len(S3_SCHEME if text.startswith(S3_SCHEME) else FILE_SCHEME) else text
+    return os.path.dirname(os.path.abspath(text))
+
+
+def basename(uri: str | os.PathLike) -> str:
+    """The last segment of a URI (``s3://b/runs/x/best`` → ``best``)."""
+    return posixpath.basename(check_uri(uri).rstrip("/"))
+
+
+def is_absolute(uri: str | os.PathLike) -> bool:
+    """True for ``s3://`` and ``file://`` URIs and absolute local paths (a relative path needs a base)."""
+    text = check_uri(uri)
+    return text.startswith((S3_SCHEME, FILE_SCHEME)) or os.path.isabs(text)
+
+
+def from_filesystem_path(path: str, like: str | os.PathLike) -> str:
+    """A path on the filesystem :func:`pyarrow_filesystem` gave for ``like`` (``bucket/key`` for S3, absolute
+    locally) back as a URI in ``like``'s style: what Ray Train reports as a checkpoint path, made usable here."""
+    text = check_uri(like)
+    if text.startswith(S3_SCHEME):
+        return path if path.startswith(S3_SCHEME) else S3_SCHEME + path.lstrip("/")
+    return FILE_SCHEME + path if text.startswith(FILE_SCHEME) else path
+
+
+def ray_storage(uri: str | os.PathLike) -> tuple[str, fs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig: S3 gets an explicit pyarrow filesystem
+    (custom endpoints, credentials from a Secret); a local directory is created and given as an absolute path."""
+    text = check_uri(uri)
+    filesystem, path = pyarrow_filesystem(text)
+    if text.startswith(S3_SCHEME):
+        return path, filesystem
+    os.makedirs(path, exist_ok=True)
+    return path, None
+
+
 # ---------------------------------------------------------------------------------------------------- clients
 _client_lock = threading.Lock()
 

@@ -312,3 +312,26 @@ def test_s3_create_new_copy_and_children(s3_bucket: str) -> None:
     assert storage.list_relative(base) == {"claims/000001.json": 5, "versions/000001/a.bin": 3}
     with pytest.raises(StorageError, match="does not exist"):
         storage.create_new("s3://taxonet-no-such-bucket/claims/000001.json", b"x")
+
+
+def test_uri_parts_for_callers_that_must_not_inspect_schemes(tmp_path: Path) -> None:
+    assert storage.parent("s3://bucket/runs/x/best/") == "s3://bucket/runs/x"
+    assert storage.parent("s3://bucket/best") == "s3://bucket" and storage.parent("s3://bucket") == "s3://bucket"
+    assert storage.parent("file:///data/runs/best") == "file:///data/runs"
+    assert storage.parent(str(tmp_path / "best")) == str(tmp_path)
+    assert storage.basename("s3://bucket/runs/x/best/") == "best" and storage.basename("/a/b") == "b"
+    assert storage.is_absolute("s3://b/k") and storage.is_absolute("file:///x") and storage.is_absolute("/x")
+    assert not storage.is_absolute("images/a.jpg")
+    assert storage.from_filesystem_path("bucket/runs/x/checkpoint_1", "s3://bucket/runs") == \
+        "s3://bucket/runs/x/checkpoint_1"
+    assert storage.from_filesystem_path("/data/runs/x", "file:///data/runs") == "file:///data/runs/x"
+    path, filesystem = storage.ray_storage(str(tmp_path / "runs"))
+    assert path == str(tmp_path / "runs") and filesystem is None and (tmp_path / "runs").is_dir()
+    with pytest.raises(StorageError, match="unsupported"):
+        storage.ray_storage("gs://bucket/runs")
+
+
+@pytest.mark.integration
+def test_ray_storage_on_s3(s3_bucket: str) -> None:
+    path, filesystem = storage.ray_storage(f"s3://{s3_bucket}/runs")
+    assert path == f"{s3_bucket}/runs" and type(filesystem).__name__ == "S3FileSystem"
