@@ -246,6 +246,7 @@ PUBLISH_SCRIPT = textwrap.dedent("""
     import pathlib, sys, time
     from taxonet import registry
     go, checkpoint, models, out = sys.argv[1:5]
+    pathlib.Path(out + ".ready").write_text("ready")  # imported: waiting at the start line
     deadline = time.monotonic() + 120
     while not pathlib.Path(go).exists() and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -262,10 +263,10 @@ def test_two_processes_publishing_at_once_get_distinct_numbers(models: str, chec
     processes = [subprocess.Popen([sys.executable, str(script), str(go), str(checkpoints[name]), models,
                                    str(tmp_path / f"out-{name}")], env=env) for name in ("a", "b")]
     # both import taxonet (seconds) and then wait at the start line; start them together
-    time.sleep(0.5)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not all(p.poll() is None for p in processes):
-        time.sleep(0.1)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not all((tmp_path / f"out-{n}.ready").exists() for n in ("a", "b")):
+        assert all(p.poll() is None for p in processes), "a publisher exited before the start"
+        time.sleep(0.05)
     go.write_text("go")
     for process in processes:
         assert process.wait(timeout=200) == 0
