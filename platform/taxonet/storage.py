@@ -510,6 +510,10 @@ def _local_temporary(path: str) -> Iterator[str]:
             os.unlink(temporary)
 
 
+#: endpoints seen refusing a conditional PUT on an existing key (probed once per process)
+_honours_if_none_match: set[str | None] = set()
+
+
 def create_new(uri: str | os.PathLike, data: bytes) -> bool:
     """Create a file/object only if nothing exists at ``uri``; True if this call created it, False if it existed.
 
@@ -540,10 +544,6 @@ def create_new(uri: str | os.PathLike, data: bytes) -> bool:
                                "model versions safely; upgrade the server or use one that supports them")
         _honours_if_none_match.add(settings.endpoint_url)
     return True
-
-
-#: endpoints seen refusing a conditional PUT on an existing key (probed once per process)
-_honours_if_none_match: set[str | None] = set()
 
 
 def _conditional_put(uri: str, data: bytes) -> bool:
