@@ -199,8 +199,8 @@ def _hash_stream(uri: str | Path, name: str) -> tuple[str, int]:
 def _check_digest(uri: str | Path, name: str, info: dict[str, Any], found: tuple[str, int]) -> None:
     sha256, size = found
     if size != info["bytes"]:
-        raise CheckpointError(f"{uri}: file {name} has {size} bytes, {MANIFEST} says {info['bytes']} "
-                              "(corrupt or partial)")
+        raise CheckpointError(f"{uri}: file {name} does not match {MANIFEST}: {size} bytes, it lists "
+                              f"{info['bytes']} (corrupt or partial)")
     if sha256 != info["sha256"]:
         raise CheckpointError(f"{uri}: file {name} does not match its sha256 in {MANIFEST} (corrupt or replaced)")
 
@@ -215,8 +215,8 @@ def _check_listing(uri: str | Path, manifest: dict[str, Any], *, allow_extra_fil
         if name not in present:
             raise CheckpointError(f"{uri}: file {name} listed in {MANIFEST} is missing")
         if present[name] != info["bytes"]:
-            raise CheckpointError(f"{uri}: file {name} has {present[name]} bytes, {MANIFEST} says {info['bytes']} "
-                                  "(corrupt or partial)")
+            raise CheckpointError(f"{uri}: file {name} does not match {MANIFEST}: {present[name]} bytes, it "
+                                  f"lists {info['bytes']} (corrupt or partial)")
     extra = sorted(set(present) - set(manifest["files"]) - {MANIFEST})
     if extra and not allow_extra_files:
         raise CheckpointError(f"{uri}: files not listed in {MANIFEST}: {extra[:5]} (a checkpoint holds exactly the "
