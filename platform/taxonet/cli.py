@@ -1,4 +1,4 @@
-"""The ``taxonet`` command line: one verb per stage (prepare, data, train, evaluate, experiment, serve, demo).
+"""The ``taxonet`` command line: one verb per stage (prepare, data, train, evaluate, experiment, serve, demo, models).
 
 Each verb lives in ``taxonet.commands.<area>`` with a ``register(subparsers)`` function that only declares
 arguments; heavy imports (torch, ray) happen inside the handlers, so ``taxonet --help`` is instant.
@@ -14,7 +14,7 @@ import sys
 from taxonet import __version__
 
 #: modules under taxonet.commands that add verbs, in help order
-COMMAND_MODULES = ("data", "train", "serve", "demo")
+COMMAND_MODULES = ("data", "train", "serve", "demo", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -121,6 +121,23 @@ class AnomalyConfig:
     min_samples: int = 2
 
 
+#: a model name in the registry and an alias name (``MODELS/NAME@ALIAS``): no separators, no leading dot or dash
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: alias names start with a letter, so ``NAME@12`` (a pinned version) can never be taken for an alias
+ALIAS_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    #: model registry root MODELS (local directory or s3://bucket/prefix); a finished run is published as the next
+    #: version of MODELS/NAME. "" = do not publish (the run's own best/ is written either way)
+    uri: str = ""
+    #: model name in the registry; "" = the config's ``name``
+    name: str = ""
+    #: alias moved to the new version after publishing (e.g. "production", "staging"); "" = none
+    promote: str = ""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "custom"
@@ -130,6 +147,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -333,6 +351,22 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if not 0.0 <= config.model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
+    _validate_registry(config)
+
+
+def _validate_registry(config: RunConfig) -> None:
+    registry = config.registry
+    if registry.promote and not registry.uri:
+        raise ConfigError(f"registry.promote={registry.promote!r} needs registry.uri (the registry to publish to)")
+    if registry.name and not MODEL_NAME_PATTERN.match(registry.name):
+        raise ConfigError(f"registry.name {registry.name!r} is not a valid model name (letters, digits, '.', '_', "
+                          "'-'; up to 128 characters)")
+    if registry.uri and not registry.name and not MODEL_NAME_PATTERN.match(config.name):
+        raise ConfigError(f"the config's name {config.name!r} is not a valid model name for the registry; set "
+                          "registry.name")
+    if registry.promote and not ALIAS_PATTERN.match(registry.promote):
+        raise ConfigError(f"registry.promote {registry.promote!r} is not a valid alias name (a letter, then "
+                          "letters, digits, '_' or '-')")
 
 
 def available_configs() -> list[str]:

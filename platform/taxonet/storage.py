@@ -1,10 +1,20 @@
-"""Storage: the one place that turns settings into clients, so every URI works local or on S3-compatible storage.
+"""Storage: the one place that knows URIs, so every path works the same on a local disk and on S3-compatible storage.
 
-A URI is a local path, a ``file://`` URL or ``s3://bucket/key``. S3 settings (endpoint, region, credentials) come
-from the standard AWS variables or from a mounted Kubernetes Secret directory (``TAXONET_S3_SECRET_DIR``, one file
-per variable name); the same settings build a boto3 client (with retries and backoff) and a pyarrow
-``S3FileSystem`` (for Parquet and Ray Data). Failures become :class:`taxonet.errors.StorageError` with a message
-that names the cause (wrong credentials, missing bucket, unreachable endpoint) and never a secret.
+A URI is a local path, a ``file://`` URL or ``s3://bucket/key``; anything else (``gs://``, ``abfs://``, ``http://``)
+is refused with a :class:`~taxonet.errors.StorageError`, never taken for a local directory. Every operation goes
+through one filesystem layer, :mod:`pyarrow.fs` (``LocalFileSystem`` or ``S3FileSystem`` with any S3-compatible
+endpoint; the same layer Ray Train and Ray Data use). boto3 is used for one thing pyarrow cannot do: a conditional
+create (``PUT`` with ``If-None-Match: *``, :func:`create_new`), which the model registry needs to hand out version
+numbers safely.
+
+S3 settings (endpoint, region, credentials) come from the standard AWS variables or from a mounted Kubernetes Secret
+directory (``TAXONET_S3_SECRET_DIR``, one file per variable name). Failures become :class:`StorageError` with a
+message that names the cause (wrong credentials, missing bucket, unreachable endpoint) and never a secret.
+
+Keys and relative paths are checked wherever they meet a root: a part given to :func:`join`, a key listed below a
+prefix (:func:`relative_to`, :func:`list_relative`) or written into a local directory (:func:`download_dir`) that is
+absolute, holds a ``..`` segment, a backslash or a NUL byte raises :class:`UnsafePathError`: an object named
+``run/best/../../home/.bashrc`` never lands outside the directory it is downloaded into.
 """
 
 from __future__ import annotations
@@ -12,19 +22,28 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
-import shutil
-import tempfile
+import re
 import threading
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
+
+from pyarrow import fs
 
 from taxonet.errors import StorageError
 
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
+#: what a URI may look like, for error messages
+SUPPORTED_URIS = "a local path, file:///path or s3://bucket/key"
+#: a scheme prefix (two letters or more, so that nothing like a drive letter is taken for one)
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+#: bytes per read/write when streaming a file between filesystems
+CHUNK_BYTES = 8 << 20
 #: directory of a mounted Secret with files named like the variables below (Kubernetes ``secret`` volume)
 SECRET_DIR_VARIABLE = "TAXONET_S3_SECRET_DIR"
 #: number of attempts per S3 request (botocore "standard" retry mode: exponential backoff with jitter)
@@ -117,15 +136,48 @@ class S3Settings:
         return text
 
 
+class UnsafePathError(StorageError):
+    """A key or relative path that would escape its root (``..``, absolute, backslash, NUL)."""
+
+
 # ---------------------------------------------------------------------------------------------------- URIs
+def check_uri(uri: str | os.PathLike) -> str:
+    """The URI as text if taxonet can use it; :class:`StorageError` for an unsupported scheme or a NUL byte."""
+    text = os.fspath(uri)
+    if not isinstance(text, str):
+        raise StorageError(f"a storage URI must be text, got {text!r}")
+    if "\x00" in text:
+        raise UnsafePathError(f"storage URI {text!r} contains a NUL byte")
+    if not text:
+        raise StorageError(f"empty storage URI: expected {SUPPORTED_URIS}")
+    match = _SCHEME.match(text)
+    if match and not text.startswith((S3_SCHEME, FILE_SCHEME)):
+        raise StorageError(f"unsupported storage URI {text!r}: scheme {match.group(1)!r} is not supported; "
+                           f"use {SUPPORTED_URIS}")
+    if text.startswith(S3_SCHEME):
+        split_s3(text)
+        if ".." in text[len(S3_SCHEME):].split("/"):
+            raise UnsafePathError(f"S3 URI {text!r} has a '..' segment (S3 keys are literal: it would not go up)")
+    elif text.startswith(FILE_SCHEME):
+        host = urlparse(text).netloc
+        if host not in ("", "localhost"):
+            raise StorageError(f"unsupported file URI {text!r}: only local files (file:///path), not host {host!r}")
+    return text
+
+
 def is_s3(uri: str | os.PathLike) -> bool:
-    return str(uri).startswith(S3_SCHEME)
+    return check_uri(uri).startswith(S3_SCHEME)
+
+
+def is_local(uri: str | os.PathLike) -> bool:
+    """A local path or ``file://`` URL (the URI is checked: an unsupported scheme raises)."""
+    return not is_s3(uri)
 
 
 def local_path(uri: str | os.PathLike) -> Path:
     """A local URI (path or ``file://``) → Path."""
-    text = str(uri)
-    if is_s3(text):
+    text = check_uri(uri)
+    if text.startswith(S3_SCHEME):
         raise ValueError(f"{text} is not a local path")
     if text.startswith(FILE_SCHEME):
         return Path(urlparse(text).path)
@@ -141,20 +193,100 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key.lstrip("/")
 
 
+def safe_relative(path: str) -> str:
+    """A relative path or key suffix as normalised ``a/b`` text; :class:`UnsafePathError` if it could escape its root.
+
+    Refused: empty, absolute (``/x``), a ``..`` segment, a backslash (a separator on Windows) or a NUL byte. Empty and
+    ``.`` segments are dropped (``a//./b`` → ``a/b``).
+    """
+    if not isinstance(path, str):
+        raise UnsafePathError(f"relative path must be text, got {path!r}")
+    problem = None
+    if "\x00" in path:
+        problem = "contains a NUL byte"
+    elif "\\" in path:
+        problem = "contains a backslash"
+    elif path.startswith("/"):
+        problem = "is absolute"
+    elif ".." in path.split("/"):
+        problem = "has a '..' segment"
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if problem is None and not parts:
+        problem = "is empty"
+    if problem:
+        raise UnsafePathError(f"unsafe path {path!r}: it {problem} and could escape the directory it belongs to")
+    return "/".join(parts)
+
+
 def join(uri: str | os.PathLike, *parts: str) -> str:
-    """Join path parts onto a URI, keeping its style (``s3://``, ``file://`` or a plain path)."""
-    text = str(uri)
-    cleaned = [p.strip("/") for p in parts if p and p.strip("/")]
-    if is_s3(text) or text.startswith(FILE_SCHEME):
-        return posixpath.join(text.rstrip("/"), *cleaned) if cleaned else text
+    """Join relative parts onto a URI, keeping its style (``s3://``, ``file://`` or a plain path).
+
+    Each part may hold ``/`` separators; an absolute part or a ``..`` segment raises :class:`UnsafePathError`.
+    """
+    text = check_uri(uri)
+    cleaned = [safe_relative(p.rstrip("/")) for p in parts if p and p.strip("/")]
+    if not cleaned:
+        return text
+    if text.startswith((S3_SCHEME, FILE_SCHEME)):
+        return posixpath.join(text.rstrip("/"), *cleaned)
     return os.path.join(text, *cleaned)
 
 
 def relative_to(uri: str, base: str) -> str:
-    """Path of ``uri`` below ``base`` with ``/`` separators (both in the same style)."""
-    if is_s3(uri):
-        return posixpath.relpath(uri[len(S3_SCHEME):], base.rstrip("/")[len(S3_SCHEME):])
-    return local_path(uri).relative_to(local_path(base)).as_posix()
+    """Path of ``uri`` below ``base`` with ``/`` separators (both in the same style); refuses paths that escape it."""
+    text, root = check_uri(uri), check_uri(base)
+    if text.startswith(S3_SCHEME):
+        if not root.startswith(S3_SCHEME):
+            raise StorageError(f"{uri} and {base} are not on the same storage")
+        key, prefix = text[len(S3_SCHEME):], root[len(S3_SCHEME):].rstrip("/") + "/"
+        if not key.startswith(prefix):
+            raise UnsafePathError(f"{uri} is not below {base}")
+        return safe_relative(key[len(prefix):])
+    try:
+        relative = local_path(text).relative_to(local_path(root)).as_posix()
+    except ValueError:
+        relative = os.path.relpath(local_path(text).resolve(), local_path(root).resolve()).replace(os.sep, "/")
+    return safe_relative(relative)
+
+
+def parent(uri: str | os.PathLike) -> str:
+    """The URI of the directory holding ``uri``, in its style (``s3://b/runs/x/best`` → ``s3://b/runs/x``)."""
+    text = check_uri(uri).rstrip("/")
+    if text.startswith((S3_SCHEME, FILE_SCHEME)):
+        head = posixpath.dirname(text)
+        return head if len(head) > len(S3_SCHEME if text.startswith(S3_SCHEME) else FILE_SCHEME) else text
+    return os.path.dirname(os.path.abspath(text))
+
+
+def basename(uri: str | os.PathLike) -> str:
+    """The last segment of a URI (``s3://b/runs/x/best`` → ``best``)."""
+    return posixpath.basename(check_uri(uri).rstrip("/"))
+
+
+def is_absolute(uri: str | os.PathLike) -> bool:
+    """True for ``s3://`` and ``file://`` URIs and absolute local paths (a relative path needs a base)."""
+    text = check_uri(uri)
+    return text.startswith((S3_SCHEME, FILE_SCHEME)) or os.path.isabs(text)
+
+
+def from_filesystem_path(path: str, like: str | os.PathLike) -> str:
+    """A path on the filesystem :func:`pyarrow_filesystem` gave for ``like`` (``bucket/key`` for S3, absolute
+    locally) back as a URI in ``like``'s style: what Ray Train reports as a checkpoint path, made usable here."""
+    text = check_uri(like)
+    if text.startswith(S3_SCHEME):
+        return path if path.startswith(S3_SCHEME) else S3_SCHEME + path.lstrip("/")
+    return FILE_SCHEME + path if text.startswith(FILE_SCHEME) else path
+
+
+def ray_storage(uri: str | os.PathLike) -> tuple[str, fs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig: S3 gets an explicit pyarrow filesystem
+    (custom endpoints, credentials from a Secret); a local directory is created and given as an absolute path."""
+    text = check_uri(uri)
+    filesystem, path = pyarrow_filesystem(text)
+    if text.startswith(S3_SCHEME):
+        return path, filesystem
+    os.makedirs(path, exist_ok=True)
+    return path, None
 
 
 # ---------------------------------------------------------------------------------------------------- clients
@@ -163,6 +295,7 @@ _client_lock = threading.Lock()
 
 @functools.lru_cache(maxsize=8)
 def _cached_client(settings: S3Settings) -> Any:
+    # boto3 is imported here, not at module level: only create_new (a conditional PUT pyarrow cannot send) needs it
     import boto3
     from botocore.config import Config
 
@@ -187,16 +320,18 @@ def _cached_client(settings: S3Settings) -> Any:
 
 
 def s3_client(settings: S3Settings | None = None) -> Any:
-    """A boto3 S3 client for ``settings`` (default: from the environment); cached, thread-safe to use."""
+    """A boto3 S3 client for ``settings`` (default: from the environment); cached, thread-safe to use.
+
+    Kept for the one request pyarrow cannot make (a conditional PUT, :func:`create_new`) and for callers that manage
+    buckets; everything else goes through :func:`pyarrow_filesystem`.
+    """
     settings = settings or S3Settings.from_env()
     with _client_lock:  # boto3 session/client creation is not thread-safe
         return _cached_client(settings)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_s3_filesystem(settings: S3Settings) -> Any:
-    from pyarrow import fs
-
+def _cached_s3_filesystem(settings: S3Settings) -> fs.S3FileSystem:
     kwargs: dict[str, Any] = {
         "region": settings.region or "us-east-1",
         "connect_timeout": settings.connect_timeout,
@@ -216,12 +351,11 @@ def _cached_s3_filesystem(settings: S3Settings) -> Any:
     return fs.S3FileSystem(**kwargs)
 
 
-def pyarrow_filesystem(uri: str, settings: S3Settings | None = None) -> tuple[Any, str]:
+def pyarrow_filesystem(uri: str | os.PathLike, settings: S3Settings | None = None) -> tuple[fs.FileSystem, str]:
     """``(pyarrow.fs.FileSystem, path)`` for a URI. For S3 the path is ``bucket/key`` (no scheme: pyarrow and Ray
-    refuse ``s3://`` paths together with an explicit filesystem)."""
-    from pyarrow import fs
-
-    if is_s3(uri):
+    refuse ``s3://`` paths together with an explicit filesystem); a local path is made absolute."""
+    uri = check_uri(uri)
+    if uri.startswith(S3_SCHEME):
         settings = settings or S3Settings.from_env()
         with _client_lock:
             filesystem = _cached_s3_filesystem(settings)
@@ -306,79 +440,167 @@ def _is_boto_error(exc: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- operations
-def read_bytes(uri: str) -> bytes:
-    """The whole object/file. A missing one raises FileNotFoundError; storage failures raise StorageError."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as exc:
-            if _is_boto_error(exc):
-                raise storage_error(exc, "read", uri) from None
-            raise
-    return local_path(uri).read_bytes()
+def _translate(exc: BaseException, action: str, uri: str) -> BaseException:
+    """A pyarrow/boto3 failure on ``uri`` → FileNotFoundError (missing file, bucket exists) or StorageError.
+
+    pyarrow answers a missing *bucket* like a missing key (``FileNotFoundError``) or with ``NoSuchBucket``; both
+    become "bucket does not exist" so a typo in a bucket name is never reported as a missing file.
+    """
+    if isinstance(exc, FileNotFoundError) or (isinstance(exc, OSError) and exc.errno == 2):
+        if uri.startswith(S3_SCHEME):
+            check_bucket(uri)
+        return FileNotFoundError(f"{uri} does not exist")
+    if uri.startswith(S3_SCHEME) and (isinstance(exc, OSError) or _is_boto_error(exc)):
+        return storage_error(exc, action, uri)
+    return exc
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write an object/file atomically: S3 PUTs are atomic; locally a temporary file is renamed into place."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-        except Exception as exc:
-            if _is_boto_error(exc):
-                raise storage_error(exc, "write", uri) from None
-            raise
-        return
-    path = local_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+@contextmanager
+def open_input(uri: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A readable binary stream of a file/object (streamed: large files are never held in memory whole)."""
+    text = check_uri(uri)
+    filesystem, path = pyarrow_filesystem(text)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def exists(uri: str) -> bool:
-    """True if the file/object exists (a missing bucket is a StorageError, not False)."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            s3_client().head_object(Bucket=bucket, Key=key)
-            return True
-        except Exception as exc:
-            if not _is_boto_error(exc):
-                raise
-            code, _ = _error_code(exc)
-            if code in _MISSING_KEY_CODES:
-                check_bucket(uri)  # a 404 may also mean "no such bucket": say so instead of False
-                return False
-            raise storage_error(exc, "read", uri) from None
-    return local_path(uri).exists()
-
-
-def check_bucket(uri: str) -> None:
-    """Raise StorageError unless the bucket of an S3 URI exists and the credentials are accepted."""
-    if not is_s3(uri):
-        return
-    bucket, _ = split_s3(uri)
-    try:
-        s3_client().head_bucket(Bucket=bucket)
+        stream = filesystem.open_input_stream(path)
     except Exception as exc:
-        if _is_boto_error(exc):
-            raise storage_error(exc, "access bucket", uri) from None
-        raise
+        raise _translate(exc, "read", text) from None
+    with stream:
+        yield stream
 
 
-def check_writable(uri: str) -> None:
-    """Fail early (before any work) if ``uri`` cannot be written: missing bucket, bad credentials, read-only dir."""
-    if is_s3(uri):
-        check_bucket(uri)
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    """The whole object/file. A missing one raises FileNotFoundError; storage failures raise StorageError."""
+    text = check_uri(uri)
+    filesystem, path = pyarrow_filesystem(text)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except Exception as exc:
+        raise _translate(exc, "read", text) from None
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write an object/file atomically: an S3 object appears whole when its upload completes; locally a temporary
+    file beside the target is renamed into place."""
+    text = check_uri(uri)
+    filesystem, path = pyarrow_filesystem(text)
+    if text.startswith(S3_SCHEME):
+        try:
+            with filesystem.open_output_stream(path) as stream:
+                stream.write(data)  # one write, then close: the upload completes only with all the bytes
+        except Exception as exc:
+            raise _translate(exc, "write", text) from None
         return
-    path = local_path(uri)
+    with _local_temporary(path) as temporary:
+        with filesystem.open_output_stream(temporary) as stream:
+            stream.write(data)
+        filesystem.move(temporary, path)  # rename(2): readers see the old file or the new one, never a part
+
+
+@contextmanager
+def _local_temporary(path: str) -> Iterator[str]:
+    """A temporary path beside local ``path`` (parents created), removed unless it was moved into place."""
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    temporary = os.path.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        yield temporary
+    finally:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+
+
+#: endpoints seen refusing a conditional PUT on an existing key (probed once per process)
+_honours_if_none_match: set[str | None] = set()
+
+
+def create_new(uri: str | os.PathLike, data: bytes) -> bool:
+    """Create a file/object only if nothing exists at ``uri``; True if this call created it, False if it existed.
+
+    Of any number of concurrent callers (threads, processes, machines) exactly one gets True. Locally the complete
+    file is hard-linked into place (``link(2)`` fails if the name exists). On S3 it is a ``PUT`` with
+    ``If-None-Match: *`` (AWS S3 since 2024, MinIO, Ceph RGW, moto) sent with boto3 because pyarrow cannot send
+    conditional requests; an endpoint that ignores the header would let two writers both win, so the first create
+    on an endpoint is followed by a probe that must be refused, and an endpoint that accepts it is an error.
+    """
+    text = check_uri(uri)
+    filesystem, path = pyarrow_filesystem(text)
+    if not text.startswith(S3_SCHEME):
+        with _local_temporary(path) as temporary:
+            with filesystem.open_output_stream(temporary) as stream:
+                stream.write(data)
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                return False
+        return True
+    if not _conditional_put(text, data):
+        return False
+    settings = S3Settings.from_env()
+    if settings.endpoint_url not in _honours_if_none_match:
+        if _conditional_put(text, data):  # the object exists now: a server that honours the header must refuse
+            raise StorageError(f"cannot create {text} exclusively: the S3 endpoint {settings.describe_endpoint()} "
+                               "ignores 'If-None-Match: *' (conditional writes); taxonet needs them to number "
+                               "model versions safely; upgrade the server or use one that supports them")
+        _honours_if_none_match.add(settings.endpoint_url)
+    return True
+
+
+def _conditional_put(uri: str, data: bytes) -> bool:
+    bucket, key = split_s3(uri)
+    try:
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        return True
+    except Exception as exc:
+        if not _is_boto_error(exc):
+            raise
+        code, _ = _error_code(exc)
+        # 412: the key exists. 409: another conditional write on the key is in flight (AWS); it may win, so ours lost
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            return False
+        if code in ("NotImplemented", "501"):
+            raise StorageError(f"cannot create {uri} exclusively: the S3 endpoint does not implement conditional "
+                               "writes ('If-None-Match: *'), which taxonet needs to number model versions") from None
+        raise storage_error(exc, "write", uri) from None
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    """True if a file/object (or a directory/prefix) exists at ``uri`` (a missing bucket is a StorageError)."""
+    text = check_uri(uri)
+    filesystem, path = pyarrow_filesystem(text)
+    try:
+        found = filesystem.get_file_info(path).type != fs.FileType.NotFound
+    except Exception as exc:
+        raise _translate(exc, "read", text) from None
+    if not found and text.startswith(S3_SCHEME):
+        check_bucket(text)  # "not found" may also mean "no such bucket": say so instead of False
+    return found
+
+
+def check_bucket(uri: str | os.PathLike) -> None:
+    """Raise StorageError unless the bucket of an S3 URI exists and the credentials are accepted."""
+    text = check_uri(uri)
+    if not text.startswith(S3_SCHEME):
+        return
+    bucket, _ = split_s3(text)
+    filesystem, _ = pyarrow_filesystem(text)
+    try:
+        info = filesystem.get_file_info(bucket)
+    except Exception as exc:
+        raise storage_error(exc, "access bucket", text) from None
+    if info.type == fs.FileType.NotFound:
+        settings = _safe_settings()
+        endpoint = settings.describe_endpoint() if settings else "S3"
+        raise StorageError(f"cannot access bucket {text}: bucket {bucket!r} does not exist at {endpoint}")
+
+
+def check_writable(uri: str | os.PathLike) -> None:
+    """Fail early (before any work) if ``uri`` cannot be written: missing bucket, bad credentials, read-only dir."""
+    text = check_uri(uri)
+    if text.startswith(S3_SCHEME):
+        check_bucket(text)
+        return
+    path = local_path(text)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -387,51 +609,141 @@ def check_writable(uri: str) -> None:
         raise StorageError(f"output directory {path} is not writable")
 
 
-def list_files(uri_prefix: str) -> list[str]:
-    """All files below a directory prefix (recursive), as URIs in the prefix's style, sorted."""
-    if is_s3(uri_prefix):
-        bucket, key = split_s3(uri_prefix)
-        prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-        found: list[str] = []
-        try:
-            paginator = s3_client().get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                found.extend(f"{S3_SCHEME}{bucket}/{item['Key']}" for item in page.get("Contents", [])
-                             if not item["Key"].endswith("/"))
-        except Exception as exc:
-            if _is_boto_error(exc):
-                raise storage_error(exc, "list", uri_prefix) from None
-            raise
-        return sorted(found)
-    root = local_path(uri_prefix)
-    if not root.is_dir():
+def _file_infos(uri_prefix: str) -> list[fs.FileInfo]:
+    filesystem, path = pyarrow_filesystem(uri_prefix)
+    try:
+        infos = filesystem.get_file_info(fs.FileSelector(path, recursive=True, allow_not_found=True))
+    except NotADirectoryError:
         return []
-    keep_scheme = str(uri_prefix).startswith(FILE_SCHEME)
-    files = sorted(str(p) for p in root.rglob("*") if p.is_file())
-    return [FILE_SCHEME + f if keep_scheme else f for f in files]
+    except Exception as exc:
+        raise _translate(exc, "list", uri_prefix) from None
+    files = [info for info in infos if info.type == fs.FileType.File]
+    if not files and uri_prefix.startswith(S3_SCHEME):
+        check_bucket(uri_prefix)  # an empty listing of a missing bucket is an error, not "no files"
+    return files
+
+
+def _relative_key(info_path: str, root: str) -> str:
+    """The part of a listed pyarrow path below ``root``, checked (a listed key may hold anything, ``..`` included)."""
+    prefix = root.rstrip("/") + "/"
+    if not info_path.startswith(prefix):
+        raise UnsafePathError(f"listed path {info_path!r} is not below {root!r}")
+    return safe_relative(info_path[len(prefix):])
+
+
+def list_relative(uri_prefix: str | os.PathLike) -> dict[str, int]:
+    """Every file below a directory prefix (recursive) as ``{relative path: size in bytes}``, sorted.
+
+    A key that would escape the prefix (``a/../../x``) raises :class:`UnsafePathError` naming it.
+    """
+    text = check_uri(uri_prefix)
+    _, root = pyarrow_filesystem(text)
+    entries = {_relative_key(info.path, root): int(info.size or 0) for info in _file_infos(text)}
+    return dict(sorted(entries.items()))
+
+
+def list_children(uri_prefix: str | os.PathLike) -> dict[str, bool]:
+    """The entries directly below a directory/prefix as ``{name: is_directory}`` (not recursive), sorted.
+
+    On S3 a "directory" is a common key prefix. Names that could not be a path segment (``..``) are refused.
+    """
+    text = check_uri(uri_prefix)
+    filesystem, root = pyarrow_filesystem(text)
+    try:
+        infos = filesystem.get_file_info(fs.FileSelector(root, recursive=False, allow_not_found=True))
+    except NotADirectoryError:
+        return {}
+    except Exception as exc:
+        raise _translate(exc, "list", text) from None
+    children = {}
+    for info in infos:
+        name = _relative_key(info.path, root)
+        if "/" not in name and info.type in (fs.FileType.File, fs.FileType.Directory):
+            children[name] = info.type == fs.FileType.Directory
+    return dict(sorted(children.items()))
+
+
+def list_files(uri_prefix: str | os.PathLike) -> list[str]:
+    """All files below a directory prefix (recursive), as URIs in the prefix's style, sorted.
+
+    Keys below the prefix are not checked here (a listing only names them); whatever joins one onto a local
+    directory goes through :func:`relative_to` or :func:`download_dir`, which refuse keys that escape.
+    """
+    text = check_uri(uri_prefix)
+    _, root = pyarrow_filesystem(text)
+    prefix = root.rstrip("/") + "/"
+    found = []
+    for info in _file_infos(text):
+        relative = info.path[len(prefix):] if info.path.startswith(prefix) else info.path
+        if text.startswith(S3_SCHEME):
+            found.append(posixpath.join(text.rstrip("/"), relative))
+        elif text.startswith(FILE_SCHEME):
+            found.append(posixpath.join(text.rstrip("/"), relative))
+        else:
+            found.append(os.path.join(text, *relative.split("/")))
+    return sorted(found)
 
 
 def delete_files(uris: Iterable[str]) -> int:
     """Delete files/objects (missing ones are ignored); returns how many were requested."""
-    uris = list(uris)
-    by_bucket: dict[str, list[str]] = {}
+    uris = [check_uri(u) for u in uris]
     for uri in uris:
-        if is_s3(uri):
-            bucket, key = split_s3(uri)
-            by_bucket.setdefault(bucket, []).append(key)
-        else:
-            local_path(uri).unlink(missing_ok=True)
-    for bucket, keys in by_bucket.items():
-        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            chunk = keys[start:start + 1000]
-            try:
-                s3_client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk],
-                                                                  "Quiet": True})
-            except Exception as exc:
-                if _is_boto_error(exc):
-                    raise storage_error(exc, "delete from", f"{S3_SCHEME}{bucket}/{chunk[0]}") from None
-                raise
+        filesystem, path = pyarrow_filesystem(uri)
+        try:
+            filesystem.delete_file(path)
+        except FileNotFoundError:
+            continue
+        except Exception as exc:
+            translated = _translate(exc, "delete", uri)
+            if not isinstance(translated, FileNotFoundError):
+                raise translated from None
     return len(uris)
+
+
+def delete_tree(uri_prefix: str | os.PathLike) -> None:
+    """Delete a directory/prefix and everything below it (missing is fine)."""
+    text = check_uri(uri_prefix)
+    filesystem, path = pyarrow_filesystem(text)
+    try:
+        filesystem.delete_dir(path)
+    except FileNotFoundError:
+        return
+    except Exception as exc:
+        translated = _translate(exc, "delete", text)
+        if not isinstance(translated, FileNotFoundError):
+            raise translated from None
+
+
+def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy one file/object: server-side within one S3 endpoint, streamed otherwise; the target appears whole."""
+    source_uri, target_uri = check_uri(source), check_uri(target)
+    source_fs, source_path = pyarrow_filesystem(source_uri)
+    target_fs, target_path = pyarrow_filesystem(target_uri)
+    if source_uri.startswith(S3_SCHEME) and target_uri.startswith(S3_SCHEME):
+        try:
+            source_fs.copy_file(source_path, target_path)  # CopyObject: no bytes through this process
+        except Exception as exc:
+            raise _translate(exc, "copy", source_uri) from None
+        return
+    with open_input(source_uri) as stream:
+        _write_stream(stream, target_fs, target_path, target_uri)
+
+
+def _write_stream(stream: BinaryIO, filesystem: fs.FileSystem, path: str, uri: str) -> None:
+    if uri.startswith(S3_SCHEME):
+        try:
+            # a failure while reading the source leaves a partial object only under a name no manifest lists yet
+            with filesystem.open_output_stream(path) as out:
+                for block in iter(lambda: stream.read(CHUNK_BYTES), b""):
+                    out.write(block)
+        except Exception as exc:
+            raise _translate(exc, "write", uri) from None
+        return
+    with _local_temporary(path) as temporary:
+        with filesystem.open_output_stream(temporary) as out:
+            for block in iter(lambda: stream.read(CHUNK_BYTES), b""):
+                out.write(block)
+        filesystem.move(temporary, path)
 
 
 def upload_dir(local: str | os.PathLike, uri: str) -> list[str]:
@@ -440,41 +752,22 @@ def upload_dir(local: str | os.PathLike, uri: str) -> list[str]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
     written = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        target = join(uri, path.relative_to(root).as_posix())
-        if is_s3(uri):
-            bucket, key = split_s3(target)
-            try:
-                s3_client().upload_file(str(path), bucket, key)
-            except Exception as exc:
-                if _is_boto_error(exc) or type(exc).__name__ == "S3UploadFailedError":
-                    raise storage_error(getattr(exc, "__cause__", None) or exc, "write", target) from None
-                raise
-        else:
-            destination = local_path(target)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, destination)
+    for relative in list_relative(str(root.resolve())):
+        target = join(uri, relative)
+        copy_file(str(root / relative), target)
         written.append(target)
     return written
 
 
-def download_dir(uri: str, local: str | os.PathLike) -> list[Path]:
-    """Copy every file below a URI prefix into a local directory; returns the local paths."""
+def download_dir(uri: str, local: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Copy every file below a URI prefix (or only ``names``, relative paths) into a local directory; returns the
+    local paths. Every key is checked before anything is written: one that would escape ``local`` (``..``,
+    absolute, NUL) raises :class:`UnsafePathError` and nothing is downloaded."""
     root = Path(local)
-    files = list_files(uri)
+    relatives = [safe_relative(n) for n in names] if names is not None else list(list_relative(uri))
     out = []
-    for source in files:
-        destination = root / relative_to(source, uri)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        if is_s3(source):
-            bucket, key = split_s3(source)
-            try:
-                s3_client().download_file(bucket, key, str(destination))
-            except Exception as exc:
-                if _is_boto_error(exc):
-                    raise storage_error(exc, "read", source) from None
-                raise
-        else:
-            shutil.copy2(local_path(source), destination)
+    for relative in relatives:
+        destination = root.joinpath(*relative.split("/"))
+        copy_file(join(uri, relative), str(destination))
         out.append(destination)
     return out

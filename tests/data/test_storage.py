@@ -178,3 +178,160 @@ def test_s3_wrong_credentials_are_a_clear_error(s3_bucket: str, s3_checks_creden
     assert SECRET not in message
     with pytest.raises(StorageError, match="wrong credentials or no permission"):
         storage.check_writable(f"s3://{s3_bucket}/ds")
+
+
+# ---------------------------------------------------------------------------------------------------- URI safety
+UNSUPPORTED = ["gs://bucket/ds", "abfs://container/ds", "http://example.org/ds", "https://example.org/ds",
+               "hdfs://namenode/ds", "gs:/bucket/ds"]
+
+
+@pytest.mark.parametrize("uri", UNSUPPORTED)
+def test_unsupported_schemes_are_clear_errors_everywhere(uri: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a URI taken for a relative path would create a directory named like the scheme
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "f.txt").write_bytes(b"x")
+    actions = {
+        "read_bytes": lambda: storage.read_bytes(f"{uri}/a"),
+        "write_bytes": lambda: storage.write_bytes(f"{uri}/a", b"x"),
+        "exists": lambda: storage.exists(uri),
+        "list_files": lambda: storage.list_files(uri),
+        "list_relative": lambda: storage.list_relative(uri),
+        "delete_files": lambda: storage.delete_files([f"{uri}/a"]),
+        "join": lambda: storage.join(uri, "a"),
+        "check_writable": lambda: storage.check_writable(uri),
+        "upload_dir": lambda: storage.upload_dir(local, uri),
+        "download_dir": lambda: storage.download_dir(uri, tmp_path / "down"),
+        "pyarrow_filesystem": lambda: storage.pyarrow_filesystem(uri),
+        "local_path": lambda: storage.local_path(uri),
+        "is_s3": lambda: storage.is_s3(uri),
+        "create_new": lambda: storage.create_new(f"{uri}/claim", b"x"),
+        "copy_file": lambda: storage.copy_file(str(local / "f.txt"), f"{uri}/f.txt"),
+    }
+    for name, action in actions.items():
+        with pytest.raises(StorageError, match="unsupported storage URI") as caught:
+            action()
+        assert "file:///path or s3://bucket/key" in str(caught.value), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local"]  # nothing named gs:, http: ... appeared
+
+
+@pytest.mark.parametrize("part", ["../x", "a/../../x", "/etc/passwd", "a\\..\\x", "a\x00b", ".."])
+def test_join_and_safe_relative_refuse_escaping_parts(part: str) -> None:
+    with pytest.raises(storage.UnsafePathError, match="unsafe path"):
+        storage.safe_relative(part)
+    with pytest.raises(storage.UnsafePathError):
+        storage.join("s3://bucket/models", part)
+    with pytest.raises(storage.UnsafePathError):
+        storage.join("/data/models", part)
+
+
+def test_safe_relative_normalises_harmless_paths() -> None:
+    assert storage.safe_relative("a//./b/") == "a/b"
+    assert storage.join("s3://bucket/ds", "shards/part-0.parquet") == "s3://bucket/ds/shards/part-0.parquet"
+    with pytest.raises(storage.UnsafePathError, match="'..' segment"):
+        storage.check_uri("s3://bucket/models/../etc")
+    with pytest.raises(storage.UnsafePathError, match="NUL"):
+        storage.read_bytes("/tmp/a\x00b")
+    with pytest.raises(StorageError, match="only local files"):
+        storage.local_path("file://otherhost/data")
+
+
+def test_relative_to_refuses_paths_outside_the_base(tmp_path: Path) -> None:
+    assert storage.relative_to(str(tmp_path / "a" / "b.txt"), str(tmp_path)) == "a/b.txt"
+    with pytest.raises(storage.UnsafePathError):
+        storage.relative_to(str(tmp_path / "x.txt"), str(tmp_path / "a"))
+    with pytest.raises(storage.UnsafePathError):
+        storage.relative_to("s3://bucket/run/best/../../home/.bashrc", "s3://bucket/run/best")
+    with pytest.raises(storage.UnsafePathError):
+        storage.relative_to("s3://bucket/other/key", "s3://bucket/run")
+
+
+def test_create_new_locally_lets_exactly_one_writer_win(tmp_path: Path) -> None:
+    import threading
+
+    target = str(tmp_path / "claims" / "000001.json")
+    barrier = threading.Barrier(8)
+    results: list[bool] = []
+
+    def writer(index: int) -> None:
+        barrier.wait()
+        results.append(storage.create_new(target, f"writer {index}".encode()))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 7 + [True]
+    assert storage.read_bytes(target).startswith(b"writer ")
+    assert [p.name for p in (tmp_path / "claims").iterdir()] == ["000001.json"]  # no temporary file left
+
+
+def test_list_children_and_delete_tree(tmp_path: Path) -> None:
+    base = str(tmp_path / "m")
+    storage.write_bytes(storage.join(base, "versions", "000001", "a.bin"), b"1")
+    storage.write_bytes(storage.join(base, "top.json"), b"{}")
+    assert storage.list_children(base) == {"top.json": False, "versions": True}
+    assert storage.list_relative(base) == {"top.json": 2, "versions/000001/a.bin": 1}
+    storage.delete_tree(storage.join(base, "versions"))
+    storage.delete_tree(storage.join(base, "absent"))
+    assert storage.list_children(base) == {"top.json": False}
+    assert storage.list_children(str(tmp_path / "nothing")) == {}
+
+
+@pytest.mark.integration
+def test_s3_download_refuses_a_key_that_escapes(s3_bucket: str, tmp_path: Path) -> None:
+    import boto3
+
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3_bucket, Key="run/best/model.pt", Body=b"weights")
+    client.put_object(Bucket=s3_bucket, Key="run/best/../../home/ray/.bashrc", Body=b"rm -rf ~")
+    target = tmp_path / "cache" / "best"
+    with pytest.raises(storage.UnsafePathError, match="'..' segment"):
+        storage.download_dir(f"s3://{s3_bucket}/run/best", target)
+    with pytest.raises(storage.UnsafePathError):
+        storage.list_relative(f"s3://{s3_bucket}/run/best")
+    assert not (tmp_path / "home").exists() and not target.exists()  # checked before anything was written
+    assert storage.download_dir(f"s3://{s3_bucket}/run/best", target, names=["model.pt"]) == [target / "model.pt"]
+    with pytest.raises(storage.UnsafePathError):
+        storage.download_dir(f"s3://{s3_bucket}/run/best", target, names=["../../home/ray/.bashrc"])
+
+
+@pytest.mark.integration
+def test_s3_create_new_copy_and_children(s3_bucket: str) -> None:
+    base = f"s3://{s3_bucket}/models/demo"
+    assert storage.create_new(f"{base}/claims/000001.json", b"first")
+    assert not storage.create_new(f"{base}/claims/000001.json", b"second")
+    assert storage.read_bytes(f"{base}/claims/000001.json") == b"first"
+    storage.write_bytes(f"{base}/staging/x/a.bin", b"abc")
+    storage.copy_file(f"{base}/staging/x/a.bin", f"{base}/versions/000001/a.bin")  # server-side
+    assert storage.read_bytes(f"{base}/versions/000001/a.bin") == b"abc"
+    assert storage.list_children(base) == {"claims": True, "staging": True, "versions": True}
+    storage.delete_tree(f"{base}/staging")
+    assert storage.list_relative(base) == {"claims/000001.json": 5, "versions/000001/a.bin": 3}
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.create_new("s3://taxonet-no-such-bucket/claims/000001.json", b"x")
+
+
+def test_uri_parts_for_callers_that_must_not_inspect_schemes(tmp_path: Path) -> None:
+    assert storage.parent("s3://bucket/runs/x/best/") == "s3://bucket/runs/x"
+    assert storage.parent("s3://bucket/best") == "s3://bucket" and storage.parent("s3://bucket") == "s3://bucket"
+    assert storage.parent("file:///data/runs/best") == "file:///data/runs"
+    assert storage.parent(str(tmp_path / "best")) == str(tmp_path)
+    assert storage.basename("s3://bucket/runs/x/best/") == "best" and storage.basename("/a/b") == "b"
+    assert storage.is_absolute("s3://b/k") and storage.is_absolute("file:///x") and storage.is_absolute("/x")
+    assert not storage.is_absolute("images/a.jpg")
+    assert storage.from_filesystem_path("bucket/runs/x/checkpoint_1", "s3://bucket/runs") == \
+        "s3://bucket/runs/x/checkpoint_1"
+    assert storage.from_filesystem_path("/data/runs/x", "file:///data/runs") == "file:///data/runs/x"
+    path, filesystem = storage.ray_storage(str(tmp_path / "runs"))
+    assert path == str(tmp_path / "runs") and filesystem is None and (tmp_path / "runs").is_dir()
+    with pytest.raises(StorageError, match="unsupported"):
+        storage.ray_storage("gs://bucket/runs")
+
+
+@pytest.mark.integration
+def test_ray_storage_on_s3(s3_bucket: str) -> None:
+    path, filesystem = storage.ray_storage(f"s3://{s3_bucket}/runs")
+    assert path == f"{s3_bucket}/runs" and type(filesystem).__name__ == "S3FileSystem"
