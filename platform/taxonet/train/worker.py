@@ -2,8 +2,8 @@
 
 Thin by design, the Ray lines marked ``# Ray``: the run config and taxonomy arrive in Ray's ``train_loop_config``,
 the data as this worker's Ray Data shards of raw rows (decoded here by the pipeline's
-:class:`~taxonet.data.pipeline.Collator`), a resume as Ray Train's latest checkpoint; the model is placed by ``prepare_model`` (DDP), and every epoch is
-reported to Ray Train, worker 0 with its checkpoint.
+:class:`~taxonet.data.pipeline.Collator`), a resume as Ray Train's latest checkpoint; the model is placed by
+``prepare_model`` (DDP), and every epoch is reported to Ray Train, worker 0 with its checkpoint.
 """
 
 from __future__ import annotations
