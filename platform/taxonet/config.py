@@ -65,6 +65,10 @@ class DataConfig:
     cache: str = "auto"
 
 
+#: the dependency terms of taxonet.losses
+DEPENDENCIES = ("paper", "soft", "none")
+
+
 @dataclass(frozen=True)
 class LossConfig:
     #: weight of the cross-entropy sum; (1 - alpha) weighs the dependency term (paper: 0.5)
@@ -74,6 +78,14 @@ class LossConfig:
     #: weight λ of the outlier-exposure term on partially labelled samples (0 = the paper's loss); see
     #: taxonet.losses. Only for datasets whose partial labels are insects outside the class lists (bycatch).
     outlier_weight: float = 0.0
+
+    def __post_init__(self) -> None:  # the one check of these values, for configs and for losses built directly
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"loss.alpha must be in [0, 1], got {self.alpha}")
+        if self.dependency not in DEPENDENCIES:
+            raise ConfigError(f"loss.dependency must be one of {', '.join(DEPENDENCIES)}, got {self.dependency!r}")
+        if not (self.outlier_weight >= 0.0 and math.isfinite(self.outlier_weight)):
+            raise ConfigError(f"loss.outlier_weight must be a finite number >= 0, got {self.outlier_weight}")
 
 
 @dataclass(frozen=True)
@@ -333,12 +345,6 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def validate(config: RunConfig) -> None:
-    if not 0.0 <= config.loss.alpha <= 1.0:
-        raise ConfigError(f"loss.alpha must be in [0, 1], got {config.loss.alpha}")
-    if config.loss.dependency not in ("paper", "soft", "none"):
-        raise ConfigError(f"loss.dependency must be paper, soft or none, got {config.loss.dependency!r}")
-    if not (config.loss.outlier_weight >= 0.0 and math.isfinite(config.loss.outlier_weight)):
-        raise ConfigError(f"loss.outlier_weight must be a finite number >= 0, got {config.loss.outlier_weight}")
     if config.data.cache not in ("auto", "always", "never"):
         raise ConfigError(f"data.cache must be auto, always or never, got {config.data.cache!r}")
     if config.optim.schedule not in ("constant", "cosine", "onecycle"):

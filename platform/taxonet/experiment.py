@@ -1,7 +1,7 @@
 """Experiments: N seeds of a multitask config and of its single-task baseline, evaluated on the test split and
 summarised as mean ± SD per rank in the shape of the paper's Table 4 (Bjerge et al. 2023; METHOD.md "Evaluation").
 
-Each run is an ordinary Ray Train run (:func:`taxonet.train.ray_trainer.run_training`) named
+Each run is an ordinary Ray Train run (:func:`taxonet.train.driver.run_training`) named
 ``<run_name>-mtl-s<seed>`` or ``<run_name>-baseline-s<seed>`` under ``train.storage``, so a rerun of the experiment
 resumes each run from its latest checkpoint. With ``parallel=True`` every run is driven by its own Ray task
 (``num_cpus=0``: the task only waits on its TorchTrainer, whose workers hold the resources), as many at a time as
@@ -23,14 +23,25 @@ import os
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import ray
+
+from taxonet import storage
+from taxonet.config import ConfigError, RunConfig
+from taxonet.data.dataset import DatasetInfo
+from taxonet.errors import DatasetError
+from taxonet.evaluate.render import write_report
+from taxonet.evaluate.report import json_ready
+from taxonet.evaluate.run import run_evaluation
+from taxonet.metrics import format_table4, summarize_runs
+from taxonet.train.driver import run_training
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("mtl", "baseline")
-#: environment variables forwarded to the Ray tasks when a URI is on S3 (workers may have started without them)
 
 
 class ExperimentError(RuntimeError):
@@ -83,11 +94,10 @@ class ExperimentResult:
 
 
 # ---------------------------------------------------------------------------------------------------------- plan
-def plan_runs(config: Any, seeds: int | Sequence[int], baseline: bool = True) -> list[tuple[str, int, Any]]:
+def plan_runs(config: RunConfig, seeds: int | Sequence[int], baseline: bool = True
+              ) -> list[tuple[str, int, RunConfig]]:
     """(variant, seed, config) for every run: the multitask model (``model.single_task=false``) and, with
     ``baseline``, its single-task variant, each for every seed. Seeds are ``train.seed + i`` for an int count."""
-    from taxonet.config import ConfigError
-
     if isinstance(seeds, bool):
         raise ConfigError(f"seeds must be a positive count or a list of seeds, got {seeds!r}")
     if isinstance(seeds, int):
@@ -112,31 +122,24 @@ def plan_runs(config: Any, seeds: int | Sequence[int], baseline: bool = True) ->
     return runs
 
 
-def model_label(config: Any, variant: str, leaf_rank: str) -> str:
+def model_label(config: RunConfig, variant: str, leaf_rank: str) -> str:
     """Row label in Table 4: "<backbone> MTL" or "<backbone> (<leaf> only)", as in the paper."""
     backbone = config.model.backbone
     return f"{backbone} MTL" if variant == "mtl" else f"{backbone} ({leaf_rank} only)"
 
 
 # ---------------------------------------------------------------------------------------------------------- runs
-def train_and_evaluate(config_dict: dict[str, Any], variant: str, seed: int, report_uri: str, *,
-                       evaluate_remotely: bool, split: str = "test") -> dict[str, Any]:
+def train_and_evaluate(config: RunConfig, variant: str, seed: int, report_uri: str, *, evaluate_remotely: bool,
+                       split: str = "test") -> RunRecord:
     """Train one run (resuming it if it exists), evaluate its best checkpoint on ``split`` and write the report to
-    ``report_uri``. Returns a :class:`RunRecord` as a dict; failures are returned as the record's ``error``."""
-    from taxonet.config import from_dict
-
-    config = from_dict(config_dict)
+    ``report_uri``. Failures are returned as the record's ``error``."""
     record = RunRecord(name=config.train.run_name, variant=variant, seed=seed, report_uri=report_uri,
                        started=time.time())
     try:
-        from taxonet.train.ray_trainer import run_training
-
         result = run_training(config)
         record.run_uri, record.best_checkpoint = result.run_uri, result.best_checkpoint
         record.resumed_from_epoch = result.resumed_from_epoch
         if evaluate_remotely:
-            import ray
-
             resources = {"num_cpus": 1, "num_gpus": 0}
             if config.train.use_gpu:
                 resources = {"num_cpus": min(1.0, config.train.cpus_per_worker), "num_gpus": 1}
@@ -152,31 +155,26 @@ def train_and_evaluate(config_dict: dict[str, Any], variant: str, seed: int, rep
         record.error = f"{type(exc).__name__}: {exc}"
         log.debug("%s", traceback.format_exc())
     record.ended = time.time()
-    return asdict(record)
+    return record
 
 
 def evaluate_to_uri(checkpoint_uri: str, dataset_uri: str, split: str, report_uri: str) -> dict[str, Any]:
-    """:func:`taxonet.evaluate.run_evaluation` and write its report to ``report_uri`` (local or S3); returns the
+    """:func:`taxonet.evaluate.run.run_evaluation` and write its report to ``report_uri`` (local or S3); returns the
     JSON form of the report."""
-    from taxonet import storage
-    from taxonet.evaluate import run_evaluation
-
     report = run_evaluation(checkpoint_uri, dataset_uri, split=split)
     if storage.is_s3(report_uri):
         with tempfile.TemporaryDirectory(prefix="taxonet-report-") as tmp:
-            report.write(tmp)
+            write_report(report, tmp)
             storage.upload_dir(tmp, report_uri)
     else:
-        report.write(storage.local_path(report_uri))
+        write_report(report, storage.local_path(report_uri))
     return report.to_dict()
 
 
-def _max_concurrent(config: Any, runs: int) -> int:
+def _max_concurrent(config: RunConfig, runs: int) -> int:
     """How many runs fit on the cluster at once: each needs ``num_workers`` × its per-worker CPUs (GPUs); one CPU
     stays free for Ray Data's read tasks, the threshold fit and the evaluations of finished runs, which would
     otherwise wait behind training workers holding every CPU."""
-    import ray
-
     total = ray.cluster_resources()
     workers = config.train.num_workers
     by_cpu = math.floor((total.get("CPU", 0.0) - 1.0) / max(workers * config.train.cpus_per_worker, 1e-9) + 1e-9)
@@ -189,16 +187,14 @@ def _max_concurrent(config: Any, runs: int) -> int:
 
 def _absolute(uri: str) -> str:
     """Local paths made absolute: Ray tasks may run in another working directory than the caller."""
-    from taxonet import storage
-
     if not uri or storage.is_s3(uri):
         return uri
     return os.path.abspath(str(storage.local_path(uri)))
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def run_experiment(config: Any, *, seeds: int | Sequence[int] = 5, baseline: bool = True, out_uri: str | None = None,
-                   parallel: bool = True, max_concurrent: int | None = None,
+def run_experiment(config: RunConfig, *, seeds: int | Sequence[int] = 5, baseline: bool = True,
+                   out_uri: str | None = None, parallel: bool = True, max_concurrent: int | None = None,
                    on_run: Callable[[RunRecord], None] | None = None) -> ExperimentResult:
     """Train ``seeds`` seeds of ``config`` as a multitask model and (``baseline``) as its single-task variant,
     evaluate every best checkpoint on the dataset's test split and write Table 4 (mean ± SD per rank).
@@ -208,12 +204,6 @@ def run_experiment(config: Any, *, seeds: int | Sequence[int] = 5, baseline: boo
     recorded in runs.json, the tables cover the runs that finished, and :class:`ExperimentError` is raised at the
     end naming the failed runs.
     """
-    import ray
-
-    from taxonet import storage
-    from taxonet.data.dataset import DatasetInfo
-    from taxonet.errors import DatasetError
-
     if not ray.is_initialized():
         raise RuntimeError("run_experiment needs a Ray cluster: call ray.init() (taxonet experiment does) first")
     if not config.data.dataset:
@@ -232,15 +222,14 @@ def run_experiment(config: Any, *, seeds: int | Sequence[int] = 5, baseline: boo
     started = time.time()
     records: list[RunRecord] = []
 
-    def finished(data: dict[str, Any]) -> None:
-        record = RunRecord(**data)
+    def finished(record: RunRecord) -> None:
         records.append(record)
         log.info("run %s %s in %.0f s%s", record.name, "finished" if record.ok else "FAILED", record.seconds,
                  "" if record.ok else f": {record.error}")
         if on_run:
             on_run(record)
 
-    jobs = [(variant, seed, run_config.to_dict(), storage.join(experiment_uri, run_config.train.run_name))
+    jobs = [(variant, seed, run_config, storage.join(experiment_uri, run_config.train.run_name))
             for variant, seed, run_config in planned]
     if parallel:
         limit = max_concurrent or _max_concurrent(config, len(jobs))
@@ -249,18 +238,18 @@ def run_experiment(config: Any, *, seeds: int | Sequence[int] = 5, baseline: boo
         options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0}
         remote = ray.remote(train_and_evaluate).options(**options)
         log.info("experiment: %d runs, up to %d at a time", len(jobs), limit)
-        pending: list[Any] = []
+        pending: list[ray.ObjectRef] = []
         queue = list(jobs)
         while queue or pending:
             while queue and len(pending) < limit:
-                variant, seed, config_dict, report_uri = queue.pop(0)
-                pending.append(remote.remote(config_dict, variant, seed, report_uri, evaluate_remotely=True))
+                variant, seed, run_config, report_uri = queue.pop(0)
+                pending.append(remote.remote(run_config, variant, seed, report_uri, evaluate_remotely=True))
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
                 finished(ray.get(ref))
     else:
-        for variant, seed, config_dict, report_uri in jobs:
-            finished(train_and_evaluate(config_dict, variant, seed, report_uri, evaluate_remotely=False))
+        for variant, seed, run_config, report_uri in jobs:
+            finished(train_and_evaluate(run_config, variant, seed, report_uri, evaluate_remotely=False))
 
     order = {(variant, seed): i for i, (variant, seed, _, _) in enumerate(jobs)}
     records.sort(key=lambda r: order[(r.variant, r.seed)])
@@ -275,11 +264,9 @@ def run_experiment(config: Any, *, seeds: int | Sequence[int] = 5, baseline: boo
     return result
 
 
-def summarize(config: Any, records: Sequence[RunRecord], leaf_rank: str
+def summarize(config: RunConfig, records: Sequence[RunRecord], leaf_rank: str
               ) -> dict[str, dict[str, dict[str, tuple[float, float]]]]:
     """Mean ± SD per model label, rank and metric over the runs that finished (MTL first, as in Table 4)."""
-    from taxonet.metrics import summarize_runs
-
     summary = {}
     for variant in VARIANTS:
         runs = [r.metrics for r in records if r.ok and r.variant == variant and r.metrics]
@@ -288,11 +275,8 @@ def summarize(config: Any, records: Sequence[RunRecord], leaf_rank: str
     return summary
 
 
-def _write_results(config: Any, experiment_uri: str, records: list[RunRecord], leaf_rank: str,
+def _write_results(config: RunConfig, experiment_uri: str, records: list[RunRecord], leaf_rank: str,
                    ranks: list[str], seconds: float) -> ExperimentResult:
-    from taxonet import storage
-    from taxonet.metrics import format_table4
-
     summary = summarize(config, records, leaf_rank)
     counts = {model_label(config, v, leaf_rank): sum(1 for r in records if r.ok and r.variant == v) for v in VARIANTS}
     if summary:
@@ -319,19 +303,9 @@ def _write_results(config: Any, experiment_uri: str, records: list[RunRecord], l
              "runs.json": storage.join(experiment_uri, "runs.json")}
     storage.write_bytes(files["table4.md"], document.encode("utf-8"))
     storage.write_bytes(files["table4.csv"], csv_text.encode("utf-8"))
-    storage.write_bytes(files["runs.json"], json.dumps(_json_ready(runs_document), indent=2).encode("utf-8"))
+    storage.write_bytes(files["runs.json"], json.dumps(json_ready(runs_document), indent=2).encode("utf-8"))
     return ExperimentResult(experiment_uri=experiment_uri, runs=records, summary_by_model=summary,
                             table_markdown=markdown, table_csv=csv_text, files=files)
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 __all__ = ["ExperimentError", "ExperimentResult", "RunRecord", "model_label", "plan_runs", "run_experiment",

@@ -39,8 +39,8 @@ Outlier exposure, ``outlier_weight=λ > 0`` (taxonet; off by default, which is t
     It teaches each head to spread, and so lower, its logits on insects that belong to none of its classes, which is
     what the per-class max-logit thresholds of ``taxonet.anomaly`` then flag as unsure: on synthetic insects it took
     unseen species of known families from 2-6% to 59-99% "unsure at species", by recipe and seed (docs/evaluation.md).
-    The higher ranks' CE still trains on those samples. Use it only when partial labels mean "outside the list", not "not identified
-    further": for a known species left unidentified, the term would teach the head to doubt its own class.
+    The higher ranks' CE still trains on those samples. Use it only when partial labels mean "outside the list",
+    not "not identified further": for a known species left unidentified, the term would teach the head to doubt its own class.
 
 Unspecified labels and the dependency term: both variants look only at the predictions, never at the labels, so
 they are computed over ALL samples of the batch, including partially labelled ones — an inconsistent prediction
@@ -52,41 +52,27 @@ over the present ranks; the dependency term only over adjacent pairs that are bo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from taxonet.taxonomy import UNSPECIFIED
-
-if TYPE_CHECKING:
-    from taxonet.config import LossConfig
-    from taxonet.taxonomy import Taxonomy
-
-DEPENDENCIES = ("paper", "soft", "none")
+from taxonet.config import LossConfig
+from taxonet.taxonomy import UNSPECIFIED, Taxonomy
 
 
 class HierarchicalLoss(nn.Module):
     """α · Σ_l CE_l + (1 − α) · dependency term; see the module docstring for the exact definitions."""
 
-    def __init__(self, taxonomy: "Taxonomy", alpha: float = 0.5, dependency: str = "paper",
-                 outlier_weight: float = 0.0) -> None:
+    def __init__(self, taxonomy: Taxonomy, alpha: float = LossConfig.alpha, dependency: str = LossConfig.dependency,
+                 outlier_weight: float = LossConfig.outlier_weight) -> None:
         super().__init__()
-        if dependency not in DEPENDENCIES:
-            raise ValueError(f"dependency must be one of {list(DEPENDENCIES)}, got {dependency!r}")
-        alpha = float(alpha)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        outlier_weight = float(outlier_weight)
-        if not (outlier_weight >= 0.0 and math.isfinite(outlier_weight)):
-            raise ValueError(f"outlier_weight must be a finite number >= 0, got {outlier_weight}")
+        settings = LossConfig(alpha=float(alpha), dependency=dependency, outlier_weight=float(outlier_weight))  # checks
         self.taxonomy = taxonomy
-        self.alpha = alpha
-        self.dependency = dependency
-        self.outlier_weight = outlier_weight
+        self.alpha = settings.alpha
+        self.dependency = settings.dependency
+        self.outlier_weight = settings.outlier_weight
         # Buffers follow the module to the GPU with .to(device); not persistent, they are derived from the taxonomy.
         for level in range(1, taxonomy.depth):
             parent = torch.as_tensor(taxonomy.parent_table(level), dtype=torch.long)
@@ -188,7 +174,7 @@ def _masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.T
     return summed / count
 
 
-def build_loss(config: "LossConfig", taxonomy: "Taxonomy") -> HierarchicalLoss:
+def build_loss(config: LossConfig, taxonomy: Taxonomy) -> HierarchicalLoss:
     """Loss from a ``LossConfig`` (``alpha``, ``dependency``, ``outlier_weight``)."""
     return HierarchicalLoss(taxonomy, alpha=config.alpha, dependency=config.dependency,
                             outlier_weight=config.outlier_weight)

@@ -13,14 +13,11 @@ import csv
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from taxonet.taxonomy import UNSPECIFIED
-
-if TYPE_CHECKING:
-    from taxonet.taxonomy import Taxonomy
+from taxonet.taxonomy import UNSPECIFIED, Taxonomy
 
 #: Metric keys of :func:`rank_metrics` that are averaged over runs, and their Table 4 abbreviations.
 TABLE_METRICS = (("precision", "P"), ("recall", "R"), ("f1", "F1"))
@@ -71,7 +68,7 @@ def rank_metrics(y_true: Any, y_pred: Any) -> dict[str, float]:
     }
 
 
-def _check_matrix(taxonomy: "Taxonomy", values: Any, what: str) -> np.ndarray:
+def _check_matrix(taxonomy: Taxonomy, values: Any, what: str) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 2 or array.shape[1] != taxonomy.depth:
         raise ValueError(f"{what} must be [N, {taxonomy.depth}] (one column per rank {list(taxonomy.ranks)}), "
@@ -81,7 +78,7 @@ def _check_matrix(taxonomy: "Taxonomy", values: Any, what: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def evaluate_predictions(taxonomy: "Taxonomy", targets: Any, predictions: Any,
+def evaluate_predictions(taxonomy: Taxonomy, targets: Any, predictions: Any,
                          ranks: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """:func:`rank_metrics` for each rank (all ranks by default), columns in taxonomy order."""
     targets = _check_matrix(taxonomy, targets, "targets")
@@ -127,7 +124,7 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int, unsure: Any = N
     return flat.reshape(num_classes, num_classes + 1).astype(np.int64)
 
 
-def consistency_rate(taxonomy: "Taxonomy", predictions: Any) -> float:
+def consistency_rate(taxonomy: Taxonomy, predictions: Any) -> float:
     """Share of predicted chains [N, depth] whose every (parent, child) pair is an edge of the taxonomy."""
     predictions = _check_matrix(taxonomy, predictions, "predictions")
     if len(predictions) == 0:

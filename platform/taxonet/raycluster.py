@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 
+import ray
+
 log = logging.getLogger(__name__)
 
 
@@ -21,8 +23,6 @@ def local_defaults() -> None:
 
 def init(address: str | None = None, num_cpus: int | None = None, **kwargs: object) -> None:
     """Join ``address`` (or $RAY_ADDRESS, or the job's cluster when run by ``ray job submit``), else start Ray here."""
-    import ray
-
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

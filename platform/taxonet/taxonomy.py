@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 #: Index used for a rank whose label is not known ("unspecified"); excluded from that rank's loss and metrics.
 UNSPECIFIED = -1
@@ -55,11 +56,7 @@ class UnknownTaxonError(KeyError):
 
 
 def _load_yaml_unique(text: str) -> Any:
-    """yaml.safe_load that refuses duplicate mapping keys (plain YAML silently keeps the last one).
-
-    PyYAML is imported here, not at module import, so the taxonomy works where only numpy is installed (GPU boxes).
-    """
-    import yaml
+    """yaml.safe_load that refuses duplicate mapping keys (plain YAML silently keeps the last one)."""
 
     class UniqueKeyLoader(yaml.SafeLoader):
         pass
@@ -289,8 +286,6 @@ class Taxonomy:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
         else:
             path.write_text(self.to_json(), encoding="utf-8")

@@ -100,7 +100,7 @@ def pipeline_loop(uri: str, split: str, batch_size: int, collator: Collator) -> 
 
 
 def ray_loop(uri: str, split: str, batch_size: int, collator: Collator) -> int:
-    from taxonet.data.pipeline import read_split
+    from taxonet.data.ray_splits import read_split  # optional: Ray may be missing (--no-ray)
 
     n = 0
     for batch in read_split(uri, split).iter_batches(batch_size=batch_size, batch_format="numpy"):

@@ -2,8 +2,9 @@
 
     .venv/bin/python tests/bench/bench_train.py [--epochs 3] [--per-species 120] [--size 48] [--backbone small_cnn]
 
-Measures (a) the plain loop (``iter_parquet_batches`` → ``Collator`` → ``engine.train_one_epoch``) in this process,
-(b) Ray Train with 1 worker, (c) Ray Train with 2 workers, all on one local Parquet dataset. Steady-state images/s
+Measures (a) the product's loop without Ray (``taxonet.train.loop.fit`` over ``iter_parquet_batches`` → ``Collator``)
+in this process, (b) Ray Train with 1 worker, (c) Ray Train with 2 workers — the same ``fit`` inside Ray Train's
+workers — all on one local Parquet dataset. Steady-state images/s
 come from each epoch after the first (warm-up); wall time includes Ray's start-up. Prints a markdown table.
 """
 
@@ -21,39 +22,53 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
 
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from taxonet.config import load_config  # noqa: E402
+from taxonet.data.pipeline import Collator, iter_parquet_batches  # noqa: E402
+from taxonet.data.prepare import PrepareOptions, write_synthetic_dataset  # noqa: E402
+from taxonet.data.transforms import TransformSpec  # noqa: E402
+from taxonet.taxonomy import Taxonomy  # noqa: E402
+from taxonet.train.driver import run_training  # noqa: E402
+from taxonet.train.loop import fit  # noqa: E402
+
+
+class ParquetData:
+    """The loop's EpochData over the prepared dataset, read with pyarrow in this process (no Ray)."""
+
+    def __init__(self, config, taxonomy) -> None:
+        spec = TransformSpec.from_config(config.data)
+        self.config = config
+        self.train_collate = Collator(taxonomy, spec, train=config.data.augment)
+        self.eval_collate = Collator(taxonomy, spec, train=False)
+
+    def train(self, epoch: int):
+        return (self.train_collate(b) for b in iter_parquet_batches(
+            self.config.data.dataset, "train", self.config.optim.batch_size, shuffle=True, seed=epoch))
+
+    def val(self, epoch: int):
+        return (self.eval_collate(b) for b in iter_parquet_batches(
+            self.config.data.dataset, "val", self.config.optim.batch_size, shuffle=False))
+
+    def skipped_records(self) -> int:
+        return self.train_collate.skipped + self.eval_collate.skipped
+
 
 def plain_loop(config, taxonomy, epochs: int) -> tuple[list[float], float]:
-    import torch
-
-    from taxonet import engine
-    from taxonet.data.pipeline import Collator, iter_parquet_batches
-    from taxonet.data.transforms import TransformSpec
-    from taxonet.losses import HierarchicalLoss
-    from taxonet.models import build_model
-
     torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
-    engine.set_seed(0)
-    model = build_model(config.model, taxonomy)
-    optimizer = engine.build_optimizer(model, config.optim)
-    loss_fn = HierarchicalLoss(taxonomy)
-    collate = Collator(taxonomy, TransformSpec.from_config(config.data), train=config.data.augment)
-    speeds = []
+    # the worker's loop without Ray: every epoch also validates, as in Ray Train; the checkpoints are not written
+    config = config.with_overrides({"optim.epochs": epochs, "train.amp": False, "train.channels_last": False})
     start = time.perf_counter()
-    for epoch in range(epochs):
-        batches = (collate(b) for b in iter_parquet_batches(config.data.dataset, "train", config.optim.batch_size,
-                                                             shuffle=True, seed=epoch))
-        metrics = engine.train_one_epoch(model, batches, loss_fn, optimizer, torch.device("cpu"), taxonomy,
-                                         amp=False, channels_last=False)
-        speeds.append((metrics["images_per_s"], metrics["first_batch_s"], metrics["train_images"],
-                       metrics["train_seconds"]))
-    return speeds, time.perf_counter() - start
+    history = fit(config, taxonomy, ParquetData(config, taxonomy), lambda metrics, checkpoint: None,
+                  device=torch.device("cpu"))
+    return [(h["images_per_s"], h["first_batch_s"], h["train_images"], h["train_seconds"]) for h in history], \
+        time.perf_counter() - start
 
 
 def ray_train(config, workers: int) -> tuple[list[float], float]:
-    from taxonet.train.ray_trainer import run_training
-
     config = config.with_overrides({"train.num_workers": workers,
-                                    # 1 CPU (one torch thread) per worker, as the plain loop; 2 workers share the 2 cores
+                                    # 1 CPU (one torch thread) per worker, as the plain loop; 2 workers share 2 cores
                                     "train.cpus_per_worker": 1.0 if workers == 1 else 0.5,
                                     "train.run_name": f"bench-{workers}w-{time.time_ns()}"})
     start = time.perf_counter()
@@ -70,12 +85,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--backbone", default="small_cnn")
     args = parser.parse_args()
-
-    import ray
-
-    from taxonet.config import load_config
-    from taxonet.data.prepare import PrepareOptions, write_synthetic_dataset
-    from taxonet.taxonomy import Taxonomy
 
     taxonomy = Taxonomy.demo()
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,7 @@ log=${OUT:-/tmp}/gpu_bench.log
   for part in $parts; do
     case $part in
       smoke)
-        echo "## smoke: engine.fit + Predictor on the GPU"
+        echo "## smoke: the training loop + Predictor on the GPU"
         timeout 120 python3 tests/bench/gpu_smoke.py ;;
       train)
         echo "## train, ResNet50-MTL 224 px batch 256"

@@ -1,6 +1,7 @@
 """The project's own training loop and predictor on a CUDA device — WITHOUT Ray (a GPU box may have no Ray).
 
-CI has no GPU, so this is the check that the code paths which only run on a GPU work there: ``engine.fit`` with bf16
+CI has no GPU, so this is the check that the code paths which only run on a GPU work there: the training loop
+(``taxonet.train.loop`` through ``tests.support.quick_checkpoint``) with bf16
 autocast and channels_last (loss, validation, best-by-val-loss checkpoint, anomaly thresholds fitted on the GPU),
 ``load_checkpoint`` onto the GPU, and ``Predictor`` with CPU decode and with nvjpeg decode. It then compares the GPU
 answers with the same checkpoint served on the CPU (bf16 vs float32: top-1 agreement, not bit equality).
@@ -19,11 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.support
 
 from taxonet.data.synthetic import SyntheticInsects  # noqa: E402
-from taxonet.engine import quick_checkpoint  # noqa: E402
 from taxonet.predictor import Predictor  # noqa: E402
 from taxonet.taxonomy import Taxonomy  # noqa: E402
+from tests.support import quick_checkpoint  # noqa: E402
 
 
 def jpeg(image) -> bytes:
@@ -39,7 +41,7 @@ def main() -> int:
         start = time.perf_counter()
         best = quick_checkpoint(tmp, taxonomy=taxonomy, image_size=64, epochs=6, per_species=64,
                                 backbone="small_cnn", device=device)
-        print(f"engine.fit on {device}: {time.perf_counter() - start:.1f} s -> {best}", flush=True)
+        print(f"training loop on {device}: {time.perf_counter() - start:.1f} s -> {best}", flush=True)
         generator = SyntheticInsects(taxonomy, image_size=64, seed=0)
         held_out = list(generator.samples(12, start_index=50_000))
         images = [jpeg(s.image) for s in held_out]

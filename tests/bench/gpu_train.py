@@ -1,8 +1,10 @@
 """GPU training throughput of one taxonet worker, data path included — runs WITHOUT Ray.
 
-This is the per-worker loop of a Ray Train worker (Parquet shards → JPEG decode → augment → bf16/channels_last
-train step of the multitask model) measured in raw PyTorch, so it runs on a bare GPU box that has only PyTorch,
-torchvision, pyarrow and numpy. It prints a table of images/s for:
+The train steps are the product's: :func:`taxonet.train.loop.train_one_epoch` (the function every epoch of a Ray
+Train worker runs) on the model, loss and optimiser of :func:`taxonet.train.loop.build_training`, fed by three data
+paths (Parquet shards → JPEG decode → augment → bf16/channels_last), so it runs on a bare GPU box that has only
+PyTorch, torchvision, pyarrow, numpy and PyYAML. The figure is the loop's own images/s (steps after the warm-up,
+timed up to the device's last step). It prints a table of images/s for:
 
 * ``tensors``   — the train step alone on pre-made tensors (the ENVIRONMENT.md anchor: 3,773 img/s for
                   ResNet50-MTL at 224 px, batch 256 on one H100);
@@ -20,7 +22,6 @@ import io
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,9 @@ import torch.nn.functional as F  # noqa: N812
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
 
-from taxonet.losses import HierarchicalLoss  # noqa: E402
-from taxonet.models.backbones import build_backbone  # noqa: E402
-from taxonet.models.heads import HierarchicalClassifier  # noqa: E402
+from taxonet.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from taxonet.taxonomy import Taxonomy  # noqa: E402
+from taxonet.train.loop import build_training, train_one_epoch  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
@@ -112,23 +112,23 @@ class ShardStream(torch.utils.data.IterableDataset):
                     yield torch.from_numpy(array.copy()), torch.tensor(target)
 
 
-def build(model_name: str, taxonomy: Taxonomy, device: torch.device, channels_last: bool):
-    backbone, dim = build_backbone(model_name, None)
-    model = HierarchicalClassifier(backbone, dim, {r: taxonomy.num_classes(r) for r in taxonomy.ranks})
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    return model, optimizer, HierarchicalLoss(taxonomy).to(device)
+class Run:
+    """The model, loss and optimiser of a worker (the paper's: Adam 1e-4, α = 0.5) and the loop over them."""
 
+    def __init__(self, args: argparse.Namespace, taxonomy: Taxonomy, device: torch.device) -> None:
+        self.config = RunConfig(model=ModelConfig(backbone=args.model, weights=None),
+                                train=TrainConfig(amp=args.amp, channels_last=args.channels_last))
+        self.model, self.loss_fn, self.optimizer = build_training(self.config, taxonomy, device)
+        self.args, self.taxonomy, self.device = args, taxonomy, device
 
-def train_step(model, optimizer, loss_fn, images, targets, device, amp: bool) -> None:
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-        logits = model(images)
-    parts = loss_fn({k: v.float() for k, v in logits.items()}, targets)
-    optimizer.zero_grad(set_to_none=True)
-    parts["loss"].backward()
-    optimizer.step()
+    def images_per_s(self, batches) -> float:
+        """Warm-up steps, then the measured ones, both through the product's epoch function."""
+        batches = iter(batches)
+        for steps in (self.args.warmup, self.args.steps):
+            metrics = train_one_epoch(self.model, batches, self.loss_fn, self.optimizer, self.device, self.taxonomy,
+                                      amp=self.config.train.amp, channels_last=self.config.train.channels_last,
+                                      max_steps=steps)
+        return metrics["images_per_s"]
 
 
 def normalise(uint8_nhwc: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -137,52 +137,26 @@ def normalise(uint8_nhwc: torch.Tensor, device: torch.device, channels_last: boo
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench_tensors(args, taxonomy, device) -> float:
-    model, optimizer, loss_fn = build(args.model, taxonomy, device, args.channels_last)
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 1, (args.batch, 3), device=device)
-    for _ in range(args.warmup):
-        train_step(model, optimizer, loss_fn, images, targets, device, args.amp)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        train_step(model, optimizer, loss_fn, images, targets, device, args.amp)
-    sync(device)
-    return args.batch * args.steps / (time.perf_counter() - start)
+    return Run(args, taxonomy, device).images_per_s(iter(lambda: (images, targets), None))
 
 
 def bench_cpu_decode(args, taxonomy, device, paths) -> float:
-    model, optimizer, loss_fn = build(args.model, taxonomy, device, args.channels_last)
     loader = torch.utils.data.DataLoader(
         ShardStream(paths, taxonomy, args.size, epochs=1000), batch_size=args.batch, num_workers=args.workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if args.workers else None,
         persistent_workers=bool(args.workers))
-    iterator = iter(loader)
-    for _ in range(args.warmup):
-        images, targets = next(iterator)
-        train_step(model, optimizer, loss_fn, normalise(images, device, args.channels_last), targets.to(device),
-                   device, args.amp)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        images, targets = next(iterator)
-        train_step(model, optimizer, loss_fn, normalise(images, device, args.channels_last), targets.to(device),
-                   device, args.amp)
-    sync(device)
-    return args.batch * args.steps / (time.perf_counter() - start)
+    run = Run(args, taxonomy, device)
+    return run.images_per_s((normalise(images, device, args.channels_last), targets) for images, targets in loader)
 
 
 def bench_gpu_decode(args, taxonomy, device, paths) -> float:
     from torchvision.io import decode_jpeg
 
-    model, optimizer, loss_fn = build(args.model, taxonomy, device, args.channels_last)
     table = pa.concat_tables([pq.read_table(p) for p in paths])
     blobs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in table.column("image").to_pylist()]
     targets_all = torch.tensor([taxonomy.encode(r) for r in zip(*(table.column(c).to_pylist()
@@ -205,14 +179,7 @@ def bench_gpu_decode(args, taxonomy, device, paths) -> float:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets_all[index].to(device)
 
-    for step in range(args.warmup):
-        train_step(model, optimizer, loss_fn, *batch(step), device, args.amp)
-    sync(device)
-    start = time.perf_counter()
-    for step in range(args.steps):
-        train_step(model, optimizer, loss_fn, *batch(step), device, args.amp)
-    sync(device)
-    return args.batch * args.steps / (time.perf_counter() - start)
+    return Run(args, taxonomy, device).images_per_s(batch(step) for step in range(args.warmup + args.steps))
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, float]]:

@@ -1,7 +1,8 @@
 """Unseen-species probe: how well the paper's thresholds flag species a model never saw, with and without outlier
 exposure, for one recipe and seed. The recipe of issue 2's behavioural test by default (tests/model/test_behaviour.py).
 
-Trains ``small_cnn`` with ``taxonet.engine.fit`` on synthetic insects (3 orders x 4 families x 3 species) plus, when
+Trains ``small_cnn`` with the product's loop (``tests.support.train_locally``) on synthetic insects (3 orders x 4
+families x 3 species) plus, when
 ``--outlier-weight`` > 0, ``--outliers-per-family`` "bycatch" species per family labelled to family only
 (``SyntheticInsects.outlier_species``: marks of known species of other families, never the unseen species' marks),
 then scores held-out known images and one unseen species per family (``unseen_species``) and prints one line:
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.support
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,15 +45,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
     args = parser.parse_args(argv)
 
-    from taxonet import engine
     from taxonet.anomaly import assess
     from taxonet.checkpoint import load_checkpoint
     from taxonet.config import load_config
     from taxonet.data.synthetic import SyntheticInsects, unseen_species
     from taxonet.data.transforms import TransformSpec, build_eval_transform
-    from taxonet.evaluate import UnseenInputs, unseen_report
+    from taxonet.evaluate.report import UnseenInputs, unseen_report
     from taxonet.metrics import evaluate_predictions
     from taxonet.taxonomy import Taxonomy
+    from taxonet.train.loop import collect_logits
+    from tests.support import TensorData, samples_to_tensors, tensor_batches, train_locally
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -63,29 +66,27 @@ def main(argv: list[str] | None = None) -> None:
                                   "anomaly.k": args.k})
     transform = build_eval_transform(TransformSpec.from_config(config.data))
     generator = SyntheticInsects(taxonomy, image_size=args.size, seed=0)
-    images, targets = engine.samples_to_tensors(generator.samples(args.per_species), taxonomy, transform)
+    images, targets = samples_to_tensors(generator.samples(args.per_species), taxonomy, transform)
     if args.outlier_weight > 0:
         bycatch = list(generator.samples(args.per_outlier, chains=generator.outlier_species(args.outliers_per_family),
                                          start_index=50_000))
         images = torch.cat([images, torch.stack([transform(s.image) for s in bycatch])])
         targets = torch.cat([targets, torch.tensor([taxonomy.encode(list(s.labels[:-1]) + [None]) for s in bycatch])])
-    val = engine.samples_to_tensors(generator.samples(20, start_index=10_000), taxonomy, transform)
-    test_images, test_targets = engine.samples_to_tensors(generator.samples(40, start_index=20_000), taxonomy,
+    val = samples_to_tensors(generator.samples(20, start_index=10_000), taxonomy, transform)
+    test_images, test_targets = samples_to_tensors(generator.samples(40, start_index=20_000), taxonomy,
                                                           transform)
     unseen = list(generator.samples(40, chains=unseen_species(taxonomy, per_family=1, seed=0), start_index=30_000))
     unseen_images = torch.stack([transform(s.image) for s in unseen])
 
     with tempfile.TemporaryDirectory() as tmp:
-        best = engine.fit(config, taxonomy,
-                          lambda epoch: engine.tensor_batches(images, targets, 32, shuffle=True, seed=args.seed,
-                                                              epoch=epoch),
-                          lambda: engine.tensor_batches(*val, 128), tmp, device=args.device)
+        best, _ = train_locally(config, taxonomy, TensorData(images, targets, *val, batch_size=32, seed=args.seed),
+                                tmp, device=args.device)
         checkpoint = load_checkpoint(best)
 
     def logits_of(batch: torch.Tensor) -> dict[str, np.ndarray]:
         dummy = torch.zeros(len(batch), taxonomy.depth, dtype=torch.int64)
-        return engine.collect_logits(checkpoint.model, engine.tensor_batches(batch, dummy, 128), torch.device("cpu"),
-                                     amp=False, channels_last=False)[0]
+        return collect_logits(checkpoint.model, tensor_batches(batch, dummy, 128), torch.device("cpu"),
+                              amp=False, channels_last=False)[0]
 
     known_logits = logits_of(test_images)
     known = assess(taxonomy, checkpoint.thresholds, known_logits)

@@ -12,7 +12,8 @@ import pytest
 from taxonet import storage
 from taxonet.data import prepare as prepare_module
 from taxonet.data.dataset import DatasetInfo
-from taxonet.data.pipeline import Collator, iter_parquet_batches, read_split
+from taxonet.data.pipeline import Collator, iter_parquet_batches
+from taxonet.data.ray_splits import read_split
 from taxonet.data.prepare import PrepareOptions, prepare_dataset
 from taxonet.data.transforms import TransformSpec
 from taxonet.errors import DatasetError, StorageError

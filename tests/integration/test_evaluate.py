@@ -19,7 +19,6 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score, roc_curve
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
-from taxonet import engine
 from taxonet.anomaly import AnomalyThresholds
 from taxonet.checkpoint import load_checkpoint
 from taxonet.data.dataset import DatasetInfo
@@ -27,8 +26,11 @@ from taxonet.data.prepare import PrepareOptions, SourceItem, build_dataset
 from taxonet.data.synthetic import SyntheticInsects, unseen_species
 from taxonet.data.transforms import build_eval_transform, decode_image
 from taxonet.errors import DatasetError
-from taxonet.evaluate import UNSURE, UnseenInputs, build_report, encode_known_prefix, run_evaluation
+from taxonet.evaluate.render import table4_markdown, write_report
+from taxonet.evaluate.report import UNSURE, UnseenInputs, build_report, encode_known_prefix
+from taxonet.evaluate.run import run_evaluation
 from taxonet.taxonomy import Taxonomy
+from tests.support import quick_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +54,7 @@ def _items(samples, split: str) -> list[SourceItem]:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("evaluate")
     taxonomy = Taxonomy.demo()
-    checkpoint = engine.quick_checkpoint(root / "run", taxonomy=taxonomy, image_size=IMAGE_SIZE, epochs=2)
+    checkpoint = quick_checkpoint(root / "run", taxonomy=taxonomy, image_size=IMAGE_SIZE, epochs=2)
     generator = SyntheticInsects(taxonomy, image_size=IMAGE_SIZE, seed=0)
     options = PrepareOptions(workers=0, progress=False, max_side=IMAGE_SIZE)
     # images far from the training indices (quick_checkpoint uses 0.. and 10000..), all in the test split
@@ -220,7 +222,7 @@ def test_unseen_table_and_separation_match_an_independent_computation(report, re
 
 
 def test_write_produces_readable_report_metrics_and_images(report, tmp_path: Path) -> None:
-    files = report.write(tmp_path / "report")
+    files = write_report(report, tmp_path / "report")
     expected = {"report", "metrics", "curves", "unseen", "confusion_order", "confusion_family", "confusion_species"}
     assert set(files) == expected
     for key in ("curves", "confusion_order", "confusion_family", "confusion_species"):
@@ -246,25 +248,23 @@ def test_write_produces_readable_report_metrics_and_images(report, tmp_path: Pat
     assert len(csv_lines) == 1 + len(report.unseen.classes) + 1
 
 
-def test_history_json_beside_a_ray_style_checkpoint_gives_the_curves(setup: dict, tmp_path: Path) -> None:
-    """Ray Train runs publish <run>/best without a history in metrics.json and <run>/history.json beside it."""
-    from taxonet.checkpoint import copy_checkpoint, write_manifest
+def test_the_curves_come_from_the_history_in_the_checkpoint(setup: dict, tmp_path: Path) -> None:
+    """Every training run stores its per-epoch history in the completed checkpoint; without one, no curves."""
+    from taxonet.checkpoint import load_checkpoint, save_checkpoint
 
-    best = tmp_path / "run" / "best"
-    copy_checkpoint(setup["checkpoint"], best)
-    metrics = json.loads((best / "metrics.json").read_text())
-    history = metrics.pop("history")
-    (best / "metrics.json").write_text(json.dumps(metrics))
-    write_manifest(best)
+    with_history = run_evaluation(setup["checkpoint"], setup["known"], device="cpu")
+    assert [h["epoch"] for h in with_history.history] == [0, 1]
+    assert sum(h["is_best"] for h in with_history.history) >= 1
+    assert "curves" in write_report(with_history, tmp_path / "with")
+    loaded = load_checkpoint(setup["checkpoint"])
+    best = save_checkpoint(tmp_path / "run" / "best", loaded.model, loaded.taxonomy, loaded.config, loaded.transform,
+                           thresholds=loaded.thresholds,
+                           metrics={k: v for k, v in loaded.metrics.items() if k != "history"})
     no_history = run_evaluation(str(best), setup["known"], device="cpu")
     assert no_history.history == []
-    files = no_history.write(tmp_path / "without")
+    files = write_report(no_history, tmp_path / "without")
     assert "curves" not in files and not (tmp_path / "without" / "curves.png").exists()
     assert "no curves" in files["report"].read_text(encoding="utf-8")
-    (tmp_path / "run" / "history.json").write_text(json.dumps(history))
-    with_history = run_evaluation(str(best), setup["known"], device="cpu")
-    assert [h["epoch"] for h in with_history.history] == [0, 1]
-    assert "curves" in with_history.write(tmp_path / "with")
 
 
 def test_bad_inputs_are_refused_with_clear_errors(setup: dict) -> None:
@@ -340,8 +340,8 @@ def test_any_rank_names_and_depth_and_single_task_models(tmp_path: Path) -> None
     p, r, f, _ = precision_recall_fscore_support(targets[:, 0], predicted_genus, average="macro", zero_division=0)
     assert report.derived_metrics["genus"]["f1"] == pytest.approx(f)
     assert report.lowest_reliable is None and report.confusion["taxon"][:, -1].sum() == 0
-    assert "| single | – | – | – |" in report.table4_markdown()
-    files = report.write(tmp_path)
+    assert "| single | – | – | – |" in table4_markdown(report)
+    files = write_report(report, tmp_path)
     assert {"confusion_genus", "confusion_taxon"} <= set(files) and "curves" not in files
     text = files["report"].read_text(encoding="utf-8")
     assert "genus (derived from the taxonomy)" in text and "no anomaly thresholds" in text

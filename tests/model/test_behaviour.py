@@ -1,13 +1,14 @@
 """Behaviour: a small backbone trained on synthetic insects learns every rank, and unseen species of known families
 are "unsure" at species while keeping their family and order (METHOD.md, issue 2).
 
-Plain PyTorch (``taxonet.engine``), CPU, 40 px images. Tree: 3 orders, 4 families, 3 species per family (12 species;
-the issue asks for >= 9 in >= 4 families and >= 3 orders). Every family has several species on purpose: in the demo
-tree three families hold a single species, which a network tells apart by family traits alone, so its marks are
-never learnt and an unseen sibling cannot look new. Recipe: small_cnn, Adam 3e-3 with a cosine decay, 30 epochs,
-120 images per species, and outlier exposure (``loss.outlier_weight`` 0.35): 5 "bycatch" species per family, 20
-images each, labelled to family only, wearing marks that known species of *other* families have — never the marks
-of the unseen species tested here (``SyntheticInsects.outlier_species``). About 3 minutes on 2 idle cores.
+The product's loop without Ray (``taxonet.train.loop`` through ``tests.support``), CPU, 40 px images. Tree: 3
+orders, 4 families, 3 species per family (12 species; the issue asks for >= 9 in >= 4 families and >= 3 orders).
+Every family has several species on purpose: in the demo tree three families hold a single species, which a network
+tells apart by family traits alone, so its marks are never learnt and an unseen sibling cannot look new. Recipe:
+small_cnn, Adam 3e-3 with a cosine decay, 30 epochs, 120 images per species, and outlier exposure
+(``loss.outlier_weight`` 0.35): 5 "bycatch" species per family, 20 images each, labelled to family only, wearing
+marks that known species of *other* families have — never the marks of the unseen species tested here
+(``SyntheticInsects.outlier_species``). About 3 minutes on 2 idle cores.
 
 Why outlier exposure: with the paper's loss alone the winning species logit of an unseen image is as high as a known
 one's (max-logit AUROC 0.44-0.69; 6% unsure at species, 8% at a correct higher rank; docs/evaluation.md), so
@@ -27,7 +28,6 @@ import numpy as np
 import pytest
 import torch
 
-from taxonet import engine
 from taxonet.anomaly import assess, auroc
 from taxonet.checkpoint import load_checkpoint
 from taxonet.config import load_config
@@ -35,6 +35,8 @@ from taxonet.data.synthetic import SyntheticInsects, unseen_species
 from taxonet.data.transforms import TransformSpec, build_eval_transform
 from taxonet.metrics import evaluate_predictions
 from taxonet.taxonomy import Taxonomy
+from taxonet.train.loop import collect_logits
+from tests.support import TensorData, samples_to_tensors, tensor_batches, train_locally
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -57,24 +59,23 @@ def trained(tmp_path_factory):
                                   "loss.outlier_weight": OUTLIER_WEIGHT})
     transform = build_eval_transform(TransformSpec.from_config(config.data))
     generator = SyntheticInsects(taxonomy, image_size=SIZE, seed=0)
-    known_images, known_targets = engine.samples_to_tensors(generator.samples(PER_SPECIES), taxonomy, transform)
+    known_images, known_targets = samples_to_tensors(generator.samples(PER_SPECIES), taxonomy, transform)
     bycatch = list(generator.samples(PER_OUTLIER, chains=generator.outlier_species(OUTLIERS_PER_FAMILY),
                                      start_index=50_000))
     # labelled down to the family: the loss reads "species unspecified" as "none of the known species"
     bycatch_targets = torch.tensor([taxonomy.encode(list(s.labels[:-1]) + [None]) for s in bycatch])
     train = (torch.cat([known_images, torch.stack([transform(s.image) for s in bycatch])]),
              torch.cat([known_targets, bycatch_targets]))
-    val = engine.samples_to_tensors(generator.samples(20, start_index=10_000), taxonomy, transform)
-    best = engine.fit(config, taxonomy,
-                      lambda epoch: engine.tensor_batches(*train, 32, shuffle=epoch >= 0, seed=0, epoch=epoch),
-                      lambda: engine.tensor_batches(*val, 128), tmp_path_factory.mktemp("run"), device="cpu")
+    val = samples_to_tensors(generator.samples(20, start_index=10_000), taxonomy, transform)
+    best, _ = train_locally(config, taxonomy, TensorData(*train, *val, batch_size=32, val_batch_size=128, seed=0),
+                            tmp_path_factory.mktemp("run"), device="cpu")
     return taxonomy, generator, transform, load_checkpoint(best)
 
 
 def _logits(checkpoint, images):
-    logits, _ = engine.collect_logits(checkpoint.model, engine.tensor_batches(
-        images, torch.zeros(len(images), 3, dtype=torch.int64), 128), torch.device("cpu"), amp=False,
-        channels_last=False)
+    logits, _ = collect_logits(checkpoint.model, tensor_batches(images, torch.zeros(len(images), 3, dtype=torch.int64),
+                                                                 128), torch.device("cpu"), amp=False,
+                               channels_last=False)
     return logits
 
 
@@ -85,7 +86,7 @@ def test_taxonomy_is_as_big_as_the_issue_asks():
 
 def test_learns_every_rank_on_held_out_images(trained):
     taxonomy, generator, transform, checkpoint = trained
-    images, targets = engine.samples_to_tensors(generator.samples(40, start_index=20_000), taxonomy, transform)
+    images, targets = samples_to_tensors(generator.samples(40, start_index=20_000), taxonomy, transform)
     assessment = assess(taxonomy, checkpoint.thresholds, _logits(checkpoint, images))
     scores = evaluate_predictions(taxonomy, targets.numpy(), assessment.predictions)
     print({rank: round(values["f1"], 3) for rank, values in scores.items()})
@@ -110,7 +111,7 @@ def test_unseen_species_are_unsure_at_species_and_right_above(trained):
     unsure_at_species = (~assessment.sure[:, 2]).mean()
     correct_higher_rank = (((level == 1) & (assessment.predictions[:, 1] == family))
                            | ((level == 0) & (assessment.predictions[:, 0] == order))).mean()
-    known_images, _ = engine.samples_to_tensors(generator.samples(20, start_index=40_000), taxonomy, transform)
+    known_images, _ = samples_to_tensors(generator.samples(20, start_index=40_000), taxonomy, transform)
     known_logits = _logits(checkpoint, known_images)
     known = assess(taxonomy, checkpoint.thresholds, known_logits)
     known_unsure = (~known.sure[:, 2]).mean()

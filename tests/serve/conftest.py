@@ -17,7 +17,7 @@ from .helpers import encode, free_port
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real checkpoint (with anomaly thresholds) from a tiny 2-epoch training run on synthetic insects, 32 px."""
-    from taxonet.engine import quick_checkpoint
+    from tests.support import quick_checkpoint
 
     return quick_checkpoint(tmp_path_factory.mktemp("ckpt-a"), image_size=32, epochs=2, seed=0)
 

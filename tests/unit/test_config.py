@@ -78,7 +78,7 @@ def test_config_from_a_path(tmp_path) -> None:
         (["train.use_gpu=3"], r"train.use_gpu must be true/false"),
         (["optim.epochs=null"], r"optim.epochs may not be null"),
         (["data.mean=0.5"], r"data.mean must be a list"),
-        (["loss.dependency=bogus"], r"loss.dependency must be paper, soft or none"),
+        (["loss.dependency=bogus"], r"loss.dependency must be one of paper, soft, none"),
         (["loss.alpha=1.5"], r"loss.alpha must be in \[0, 1\]"),
         (["optim.name=rmsprop"], r"optim.name must be adam, adamw or sgd"),
         (["model.dropout=1.0"], r"model.dropout must be in \[0, 1\)"),
@@ -115,7 +115,7 @@ def test_configs_are_frozen() -> None:
 
 
 def test_learning_rate_schedules_are_pure_functions_of_the_epoch() -> None:
-    from taxonet.engine import learning_rate
+    from taxonet.train.loop import learning_rate
 
     def rates(schedule: str, epochs: int = 10) -> list[float]:
         optim = load_config("demo", {"optim.schedule": schedule, "optim.epochs": epochs, "optim.lr": 1e-3}).optim

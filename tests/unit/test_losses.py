@@ -269,9 +269,9 @@ def test_outlier_weight_is_validated_and_read_from_the_config(two_ranks: Taxonom
 
 
 def test_training_loop_uses_the_configured_outlier_weight(tmp_path) -> None:
-    """engine.fit builds its loss from the config (the Ray Train worker does the same through build_loss)."""
-    from taxonet import engine
+    """The loop builds its loss from the config (for the Ray Train worker as for local runs)."""
     from taxonet.config import load_config
+    from tests.support import TensorData, train_locally
 
     taxonomy = Taxonomy.demo()
     torch.manual_seed(0)
@@ -282,10 +282,7 @@ def test_training_loop_uses_the_configured_outlier_weight(tmp_path) -> None:
     for weight in (0.0, 0.5):
         config = load_config("demo", {"data.input_size": 16, "model.backbone": "tiny_cnn", "model.weights": None,
                                       "optim.epochs": 1, "loss.outlier_weight": weight})
-        seen = []
-        engine.fit(config, taxonomy, lambda epoch: engine.tensor_batches(images, targets, 8),
-                   lambda: engine.tensor_batches(images, targets, 8), tmp_path / str(weight), device="cpu",
-                   log_fn=seen.append)
-        histories[weight] = seen[0]
+        data = TensorData(images, targets, images, targets, batch_size=8, val_batch_size=8)
+        histories[weight] = train_locally(config, taxonomy, data, tmp_path / str(weight), device="cpu")[1][0]
     assert "train_outlier" not in histories[0.0]
     assert histories[0.5]["train_outlier"] > 0 and "val_outlier" in histories[0.5]

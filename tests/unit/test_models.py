@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from taxonet.config import ModelConfig
-from taxonet.models import BACKBONES, HierarchicalClassifier, WeightsUnavailableError, build_backbone, build_model
+from taxonet.models import (BACKBONES, HierarchicalClassifier, WeightsUnavailableError, build_backbone, build_model,
+                            imagenet_weights)
+from taxonet.train.loop import pretrained_weights
 from taxonet.taxonomy import Taxonomy
 
 pytestmark = pytest.mark.unit
@@ -59,27 +61,33 @@ def test_backbone_weights_file_round_trip(tmp_path) -> None:
     path = tmp_path / "tiny.pt"
     torch.save(source.state_dict(), path)
     torch.manual_seed(2)  # a different random init, so equality below means "loaded from the file"
-    loaded, dim = build_backbone("tiny_cnn", str(path))
+    loaded, dim = build_backbone("tiny_cnn", pretrained_weights(ModelConfig(backbone="tiny_cnn", weights=str(path))))
     assert dim == BACKBONES["tiny_cnn"].feature_dim
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    # a checkpoint wrapping the weights as {"state_dict": ...} works too
+    # a checkpoint wrapping the weights as {"state_dict": ...} works too, and so does a state dict in memory
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict": source.state_dict()}, wrapped)
-    again, _ = build_backbone("tiny_cnn", str(wrapped))
+    with wrapped.open("rb") as handle:
+        again, _ = build_backbone("tiny_cnn", handle)
     assert torch.equal(again.state_dict()["features.0.0.weight"], source.state_dict()["features.0.0.weight"])
+    in_memory, _ = build_backbone("tiny_cnn", source.state_dict())
+    assert torch.equal(in_memory.state_dict()["features.0.0.weight"], source.state_dict()["features.0.0.weight"])
+    # the config's "no weights" spellings mean a random init
+    for none in (None, "", "none", "random"):
+        assert pretrained_weights(ModelConfig(backbone="tiny_cnn", weights=none)) is None
 
 
 def test_weights_that_do_not_fit_or_do_not_exist(tmp_path) -> None:
     other, _ = build_backbone("small_cnn")
-    path = tmp_path / "small.pt"
-    torch.save(other.state_dict(), path)
     with pytest.raises(WeightsUnavailableError, match="do not fit backbone 'tiny_cnn'"):
-        build_backbone("tiny_cnn", str(path))
+        build_backbone("tiny_cnn", other.state_dict())
     with pytest.raises(WeightsUnavailableError, match="not found"):
-        build_backbone("tiny_cnn", str(tmp_path / "missing.pt"))
+        pretrained_weights(ModelConfig(backbone="tiny_cnn", weights=str(tmp_path / "missing.pt")))
     with pytest.raises(WeightsUnavailableError, match="has no ImageNet weights"):
-        build_backbone("tiny_cnn", "imagenet")
+        imagenet_weights("tiny_cnn")
+    with pytest.raises(WeightsUnavailableError, match="has no ImageNet weights"):
+        pretrained_weights(ModelConfig(backbone="tiny_cnn", weights="imagenet"))
 
 
 def test_imagenet_weights_offline_say_how_to_provide_the_file(tmp_path, monkeypatch) -> None:
@@ -90,7 +98,7 @@ def test_imagenet_weights_offline_say_how_to_provide_the_file(tmp_path, monkeypa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(WeightsUnavailableError) as excinfo:
-        build_backbone("resnet18", "imagenet")
+        imagenet_weights("resnet18")
     message = str(excinfo.value)
     assert "ImageNet weights for resnet18 could not be downloaded" in message
     assert "https://download.pytorch.org/models/resnet18" in message  # what to fetch

@@ -104,8 +104,8 @@ def _demo(args: argparse.Namespace) -> int:
     unseen = unseen_species(taxonomy, per_family=1, seed=0)
     write_image_folder(out / "images-unseen", generator.samples(max(10, args.per_species // 4), chains=unseen,
                                                                  start_index=50_000))
-    print(f"  {args.per_species} images x {taxonomy.num_classes(taxonomy.depth - 1)} species, and {len(unseen)} species never seen "
-          f"in training: {', '.join(c[-1] for c in unseen)}")
+    print(f"  {args.per_species} images x {taxonomy.num_classes(taxonomy.depth - 1)} species, and {len(unseen)} species "
+          f"never seen in training: {', '.join(c[-1] for c in unseen)}")
 
     server = None
     base = str(out)
@@ -127,16 +127,17 @@ def _demo(args: argparse.Namespace) -> int:
             overrides["optim.epochs"] = args.epochs
         config = load_config("demo", overrides).with_overrides(args.sets)
         raycluster.init(num_cpus=2)  # worker output (per-epoch progress) is forwarded here
-        from taxonet.train.ray_trainer import run_training
+        from taxonet.train.driver import run_training
 
         result = run_training(config)
         print(f"  best checkpoint: {result.best_checkpoint}")
 
         step("Evaluating on the held-out test split and the unseen species (taxonet evaluate)")
-        from taxonet.evaluate import run_evaluation
+        from taxonet.evaluate.render import write_report
+        from taxonet.evaluate.run import run_evaluation
 
         report = run_evaluation(result.best_checkpoint, dataset, split="test", unseen_uri=unseen_dataset)
-        paths = report.write(out / "report")
+        paths = write_report(report, out / "report")
         report_path = paths.get("report", out / "report")
         print(Path(report_path).read_text(encoding="utf-8") if Path(report_path).is_file() else "")
 

@@ -19,6 +19,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from taxonet import storage
 from taxonet.errors import DatasetError, StorageError
 from taxonet.taxonomy import Taxonomy, TaxonomyError
@@ -43,10 +46,8 @@ def rank_columns(taxonomy: Taxonomy) -> list[str]:
     return list(taxonomy.ranks)
 
 
-def parquet_schema(taxonomy: Taxonomy) -> Any:
+def parquet_schema(taxonomy: Taxonomy) -> pa.Schema:
     """The Arrow schema of a shard for ``taxonomy``."""
-    import pyarrow as pa
-
     fields = [pa.field("image", pa.binary(), nullable=False)]
     fields += [pa.field(rank, pa.string()) for rank in rank_columns(taxonomy)]
     fields += [
@@ -214,8 +215,6 @@ class DatasetInfo:
         """Check the shards against dataset.json: every shard exists, has the schema, the listed row count, only its
         split, and the label columns recount to ``counts``. Raises DatasetError listing every problem; returns a
         short summary on success. Reads Parquet footers and the small label columns, never the images."""
-        import pyarrow.parquet as pq
-
         problems: list[str] = []
         ranks = rank_columns(self.taxonomy)
         expected_columns = set(FIXED_COLUMNS) | set(ranks)

@@ -2,13 +2,13 @@
 
 Two readers feed one consumer:
 
-* :func:`iter_parquet_batches` — plain pyarrow, no Ray: the plain PyTorch loop and the GPU benchmark use it;
-* :func:`read_split` — a Ray Data dataset over the same shards, for Ray Train
+* :func:`iter_parquet_batches` — plain pyarrow, no Ray: evaluation, the threshold fit and the benchmarks use it;
+* :func:`taxonet.data.ray_splits.read_split` — a Ray Data dataset over the same shards, for Ray Train
   (``ray.train.get_dataset_shard("train").iter_batches(batch_format="numpy")``).
 
 Both yield column batches (``image`` = JPEG bytes, one label column per rank); :class:`Collator` decodes and
 transforms in the consumer (the training worker), so Ray Data tasks only read. A record that fails to decode is
-counted and skipped, never ends an epoch. Only :func:`read_split` imports ray, and only when called.
+counted and skipped, never ends an epoch. This module does not import ray.
 """
 
 from __future__ import annotations
@@ -20,10 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 
 from taxonet import storage
 from taxonet.data.dataset import DatasetInfo, ShardInfo
-from taxonet.taxonomy import UNSPECIFIED, Taxonomy, UnknownTaxonError, is_unspecified
+from taxonet.data.transforms import (DEFAULT_MAX_PIXELS, ImageDecodeError, TransformSpec, build_eval_transform,
+                                     build_train_transform, decode_image)
+from taxonet.taxonomy import Taxonomy, UnknownTaxonError, is_unspecified
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +58,9 @@ class _FileCache:
 
     def __init__(self, capacity: int = _MAX_OPEN_FILES) -> None:
         self.capacity = capacity
-        self._open: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self._open: OrderedDict[str, tuple[pa.NativeFile, pq.ParquetFile]] = OrderedDict()
 
-    def get(self, uri: str) -> Any:
-        import pyarrow.parquet as pq
-
+    def get(self, uri: str) -> pq.ParquetFile:
         if uri in self._open:
             self._open.move_to_end(uri)
             return self._open[uri][1]
@@ -81,9 +84,7 @@ class _FileCache:
         self._open.clear()
 
 
-def _to_batch(table: Any) -> dict[str, list | np.ndarray]:
-    import pyarrow as pa
-
+def _to_batch(table: pa.Table) -> dict[str, list | np.ndarray]:
     batch: dict[str, list | np.ndarray] = {}
     for name in table.column_names:
         column = table.column(name)
@@ -119,8 +120,6 @@ def iter_parquet_batches(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in 0..{num_shards - 1}, got {shard_index}")
-    import pyarrow as pa
-
     info = DatasetInfo.load(uri)
     shards = info.shards_for(split)
     columns = list(columns) if columns is not None else default_columns(info.taxonomy)
@@ -155,71 +154,6 @@ def iter_parquet_batches(
         files.close()
 
 
-# ---------------------------------------------------------------------------------------------------- Ray Data reader
-def read_split(uri: str, split: str, *, columns: Sequence[str] | None = None, shuffle_files: bool = False,
-               num_cpus: float | None = None, override_num_blocks: int | None = None) -> Any:
-    """A ``ray.data.Dataset`` of one split (columns ``image`` + one per rank by default), local or S3.
-
-    Reads exactly the shards that dataset.json lists for the split (each shard holds one split, so no row filter is
-    needed). ``num_cpus`` sets the CPU reserved per read task; when training workers hold all CPUs of a node, pass a
-    fraction (e.g. 0.25) so that reading can still be scheduled.
-    """
-    import ray.data
-
-    info = DatasetInfo.load(uri)
-    shard_uris = info.shard_uris(split)
-    filesystem, _ = storage.pyarrow_filesystem(uri)
-    paths = [storage.pyarrow_filesystem(u)[1] for u in shard_uris]
-    kwargs: dict[str, Any] = {}
-    if num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
-    if override_num_blocks is not None:
-        kwargs["override_num_blocks"] = override_num_blocks
-    try:
-        return ray.data.read_parquet(
-            paths,
-            filesystem=filesystem,
-            columns=list(columns) if columns is not None else default_columns(info.taxonomy),
-            partitioning=None,  # a "key=value" folder in the dataset URI must not become a column
-            shuffle="files" if shuffle_files else None,
-            **kwargs,
-        )
-    except OSError as exc:
-        if storage.is_s3(uri):
-            raise storage.storage_error(exc, "read", uri) from None
-        raise
-
-
-def load_split(uri: str, split: str, *, columns: Sequence[str] | None = None) -> Any:
-    """A split read whole into the object store, as a materialized ``ray.data.Dataset`` (same columns and rows as
-    :func:`read_split`), for splits small enough to keep in memory (``data.cache``).
-
-    The shards are read in this process with pyarrow and handed to Ray with ``ray.data.from_arrow`` (``ray.put``):
-    no Ray task runs. ``read_split(...).materialize()`` did the same through Ray Data's read tasks, and in a driver
-    that then went on to read the next split, a task submitted after that execution was twice seen never to be
-    scheduled (clean-clone CI, 2026-11-26: nothing running, nothing pending, the driver waiting forever).
-    """
-    import pyarrow.parquet as pq
-    import ray.data
-
-    from taxonet.errors import DatasetError
-
-    info = DatasetInfo.load(uri)
-    wanted = list(columns) if columns is not None else default_columns(info.taxonomy)
-    tables = []
-    for shard_uri in info.shard_uris(split):
-        filesystem, path = storage.pyarrow_filesystem(shard_uri)
-        try:
-            tables.append(pq.read_table(path, filesystem=filesystem, columns=wanted))
-        except OSError as exc:
-            if storage.is_s3(shard_uri):
-                raise storage.storage_error(exc, "read", shard_uri) from None
-            raise
-    if not tables:
-        raise DatasetError(f"dataset {uri} has no shard for split {split!r}")
-    return ray.data.from_arrow(tables)  # one block per shard
-
-
 # ---------------------------------------------------------------------------------------------------- collator
 class Collator:
     """Column batch → ``(images float32 [N, 3, S, S], targets int64 [N, depth])`` for the model and the loss.
@@ -232,10 +166,8 @@ class Collator:
     know to -1 at their rank (e.g. unseen species evaluated with the known taxonomy).
     """
 
-    def __init__(self, taxonomy: Taxonomy, spec: Any, train: bool, threads: int = 1, *, augment: bool = True,
+    def __init__(self, taxonomy: Taxonomy, spec: TransformSpec, train: bool, threads: int = 1, *, augment: bool = True,
                  max_pixels: int | None = None, unknown: str = "skip") -> None:
-        from taxonet.data.transforms import DEFAULT_MAX_PIXELS, build_eval_transform, build_train_transform
-
         if unknown not in ("skip", "unspecified"):
             raise ValueError(f"unknown must be 'skip' or 'unspecified', got {unknown!r}")
         self.taxonomy = taxonomy
@@ -258,8 +190,6 @@ class Collator:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from taxonet.data.transforms import build_eval_transform, build_train_transform
-
         self.__dict__.update(state)
         self.transform = (build_train_transform(self.spec, self.augment) if self.train
                           else build_eval_transform(self.spec))
@@ -289,9 +219,7 @@ class Collator:
         self._label_cache[labels] = encoded
         return encoded
 
-    def _decode(self, data: Any) -> Any:
-        from taxonet.data.transforms import ImageDecodeError, decode_image
-
+    def _decode(self, data: Any) -> torch.Tensor | Exception:
         try:
             if data is None:
                 raise ImageDecodeError("corrupt", "null image")
@@ -308,9 +236,7 @@ class Collator:
             logger.warning("skipping a record: %s (%s)%s", message, reason,
                            "; further skips are only counted" if self.skipped == _MAX_WARNINGS else "")
 
-    def __call__(self, batch: dict[str, Any]) -> tuple[Any, Any]:
-        import torch
-
+    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch["image"]
         size = self.spec.input_size
         n = len(images)
@@ -344,14 +270,3 @@ class Collator:
             return (torch.empty((0, 3, size, size), dtype=torch.float32),
                     torch.empty((0, self.taxonomy.depth), dtype=torch.long))
         return torch.stack(tensors), torch.tensor(kept, dtype=torch.long)
-
-
-def encode_targets(taxonomy: Taxonomy, batch: dict[str, Any]) -> np.ndarray:
-    """Label columns of a batch → int64 [N, depth] (unspecified → -1); raises for labels outside the taxonomy."""
-    columns = [batch[rank] for rank in taxonomy.ranks]
-    n = len(columns[0]) if columns else 0
-    out = np.full((n, taxonomy.depth), UNSPECIFIED, dtype=np.int64)
-    for i in range(n):
-        out[i] = taxonomy.encode([None if is_unspecified(c[i]) else str(c[i]) for c in columns])
-    return out
-

@@ -35,6 +35,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
 
 from taxonet import __version__, storage
 from taxonet.data.dataset import (
@@ -49,6 +53,8 @@ from taxonet.data.dataset import (
     parquet_schema,
     rank_columns,
 )
+from taxonet.data.synthetic import SyntheticInsects, SyntheticSample, unseen_species
+from taxonet.data.transforms import ImageDecodeError, decode_image
 from taxonet.errors import DatasetError, StorageError
 from taxonet.taxonomy import DEFAULT_RANKS, Taxonomy, TaxonomyError, UnknownTaxonError, is_unspecified
 
@@ -60,6 +66,8 @@ SKIP_REASONS = ("empty", "corrupt", "unsupported", "too_large", "missing", "unre
 #: at most this many skipped/duplicate files are listed in dataset.json (all of them are counted)
 MAX_LISTED = 10_000
 _CHUNK = 8  # images per task sent to a worker process: amortises the pickling round trip
+_SPOOL_SCHEMA = pa.schema([("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32())])
+_SPOOL_BATCH = 256  # rows per record batch of the spool
 
 
 @dataclass(frozen=True)
@@ -111,12 +119,24 @@ class SourceItem:
 
 @dataclass(frozen=True)
 class Skipped:
+    """A file left out, and why (one of :data:`SKIP_REASONS`)."""
+
     path: str
     reason: str
     message: str
 
     def to_dict(self) -> dict[str, str]:
         return {"path": self.path, "reason": self.reason, "message": self.message}
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """One image ready for a shard: the hash of the bytes read, and the re-encoded JPEG with its size."""
+
+    sha256: str
+    jpeg: bytes = field(repr=False)
+    width: int
+    height: int
 
 
 @dataclass
@@ -232,9 +252,6 @@ def read_table(src: str, ranks: Sequence[str]) -> list[SourceItem]:
         columns = [c.strip() for c in (reader.fieldnames or [])]
         rows = [{k.strip(): v for k, v in row.items() if k is not None} for row in reader]
     else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         try:
             table = pq.read_table(pa.BufferReader(data))
         except Exception as exc:
@@ -403,32 +420,29 @@ def assign_splits(strata: Sequence[str], keys: Sequence[str], given: Sequence[st
 
 
 # ---------------------------------------------------------------------------------------------------- images
-def process_image(origin: str, data: bytes | None, max_side: int, quality: int, max_pixels: int) -> tuple:
+def process_image(origin: str, data: bytes | None, max_side: int, quality: int,
+                  max_pixels: int) -> ProcessedImage | Skipped:
     """Read, hash, decode, resize (longer side ≤ ``max_side``) and re-encode one image (runs in a worker).
 
-    Returns ``("ok", sha256, jpeg_bytes, width, height)`` or ``("skip", reason, message)``. Storage failures (wrong
-    credentials, endpoint down) are raised: they are not a property of the file and must stop the run.
+    A file that cannot be used is :class:`Skipped`. Storage failures (wrong credentials, endpoint down) are raised:
+    they are not a property of the file and must stop the run.
     """
-    from PIL import Image
-
-    from taxonet.data.transforms import ImageDecodeError, decode_image
-
     if data is None:
         try:
             data = storage.read_bytes(origin)
         except FileNotFoundError:
-            return ("skip", "missing", "file not found")
+            return Skipped(origin, "missing", "file not found")
         except IsADirectoryError:
-            return ("skip", "unreadable", "is a directory")
+            return Skipped(origin, "unreadable", "is a directory")
         except PermissionError as exc:
-            return ("skip", "unreadable", f"permission denied ({exc.strerror})")
+            return Skipped(origin, "unreadable", f"permission denied ({exc.strerror})")
     if not data:
-        return ("skip", "empty", "zero-byte file")
+        return Skipped(origin, "empty", "zero-byte file")
     sha = hashlib.sha256(data).hexdigest()
     try:
         image = decode_image(data, max_pixels=max_pixels, draft_size=max_side)
     except ImageDecodeError as exc:
-        return ("skip", exc.code, exc.message)
+        return Skipped(origin, exc.code, exc.message)
     width, height = image.size
     if max(width, height) > max_side:
         scale = max_side / max(width, height)
@@ -436,19 +450,16 @@ def process_image(origin: str, data: bytes | None, max_side: int, quality: int, 
         image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
-    return ("ok", sha, buffer.getvalue(), image.size[0], image.size[1])
+    return ProcessedImage(sha, buffer.getvalue(), image.size[0], image.size[1])
 
 
-def _process_chunk(tasks: list[tuple]) -> list[tuple]:
+def _process_chunk(tasks: list[tuple]) -> list[ProcessedImage | Skipped]:
     return [process_image(*task) for task in tasks]
 
 
-def _ordered_results(chunks: Iterable[list[tuple]], workers: int) -> Iterator[list[tuple]]:
+def _ordered_results(chunks: Iterable[list[tuple]], workers: int) -> Iterator[list[ProcessedImage | Skipped]]:
     """Run ``_process_chunk`` over chunks in worker processes, yielding results in input order with a bounded
     number of chunks in flight (memory stays flat whatever the dataset size)."""
-    # decode_image's module imports torch: import it once here, before forking, not once per worker
-    import taxonet.data.transforms  # noqa: F401
-
     if workers <= 1:
         for chunk in chunks:
             yield _process_chunk(chunk)
@@ -477,11 +488,8 @@ def _chunks(items: Sequence[SourceItem], options: PrepareOptions) -> Iterator[li
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def write_shard(uri: str, table: Any, row_group_size: int) -> int:
+def write_shard(uri: str, table: pa.Table, row_group_size: int) -> int:
     """Write one Parquet shard (JPEG column stored uncompressed: it is compressed already); returns its size."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     buffer = pa.BufferOutputStream()
     compression = {name: ("none" if name == "image" else "zstd") for name in table.column_names}
     pq.write_table(table, buffer, row_group_size=row_group_size, compression=compression,
@@ -495,107 +503,83 @@ def _split_order(splits: Iterable[str]) -> list[str]:
     return sorted(set(splits), key=lambda s: (STANDARD_SPLITS.index(s) if s in STANDARD_SPLITS else 99, s))
 
 
+class _Spool:
+    """The processed images, the first of each content hash, in a local Arrow file (memory-mapped later): the split
+    needs every row's label before shards can be written, and the images need not stay in memory meanwhile.
+    Results are added in item order."""
+
+    def __init__(self, path: str, items: Sequence[SourceItem]) -> None:
+        self.path, self.items = path, items
+        #: item index, and content hash, of each spooled row
+        self.kept: list[int] = []
+        self.sha: list[str] = []
+        self.duplicates: list[dict[str, Any]] = []
+        self.skipped: list[Skipped] = []
+        self._first_by_sha: dict[str, int] = {}
+        self._rows: list[ProcessedImage] = []
+        self._sink = pa.OSFile(path, "wb")
+        self._writer = pa.ipc.new_file(self._sink, _SPOOL_SCHEMA)
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+
+    def add(self, result: ProcessedImage | Skipped) -> None:
+        index = len(self.kept) + len(self.duplicates) + len(self.skipped)
+        item = self.items[index]
+        if isinstance(result, Skipped):
+            self.skipped.append(result)
+        elif result.sha256 in self._first_by_sha:
+            first = self.items[self._first_by_sha[result.sha256]]
+            self.duplicates.append({"path": item.origin, "duplicate_of": first.origin,
+                                    "same_labels": first.labels == item.labels})
+        else:
+            self._first_by_sha[result.sha256] = index
+            self.kept.append(index)
+            self.sha.append(result.sha256)
+            self._rows.append(result)
+            if len(self._rows) >= _SPOOL_BATCH:
+                self._flush()
+
+    def item(self, row: int) -> SourceItem:
+        """The source item of spooled row ``row``."""
+        return self.items[self.kept[row]]
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.table({"image": [r.jpeg for r in self._rows],
+                                               "width": [r.width for r in self._rows],
+                                               "height": [r.height for r in self._rows]}, schema=_SPOOL_SCHEMA))
+            self._rows = []
+
+
 def build_dataset(items: Sequence[SourceItem], dst: str, taxonomy: Taxonomy, options: PrepareOptions, *,
                   source_description: str, skipped: Sequence[Skipped] = (),
                   extra_metadata: dict[str, Any] | None = None) -> PrepareResult:
     """Process validated items and write the dataset at ``dst`` (shards first, dataset.json last)."""
-    import pyarrow as pa
-
     started = time.perf_counter()
     dst = str(dst).rstrip("/") if storage.is_s3(dst) else str(dst)
-    ranks = rank_columns(taxonomy)
     _check_destination(dst, options)
-    skipped = list(skipped)
-    duplicates: list[dict[str, Any]] = []
-    first_by_sha: dict[str, int] = {}
-    kept: list[int] = []  # item index of each spooled row
-    kept_sha: list[str] = []
-    spool_schema = pa.schema([("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32())])
-    workers = options.workers if options.workers is not None else _available_cores()
-    workers = min(workers, max(1, math.ceil(len(items) / _CHUNK)))
-
     with tempfile.TemporaryDirectory(prefix="taxonet-prepare-") as scratch:
-        spool_path = os.path.join(scratch, "images.arrow")
-        # Processed images go to a local Arrow spool (memory-mapped later): the split needs every row's label
-        # before shards can be written, and the images need not stay in memory meanwhile.
-        with pa.OSFile(spool_path, "wb") as sink, pa.ipc.new_file(sink, spool_schema) as writer:
-            batch: dict[str, list] = {"image": [], "width": [], "height": []}
-            progress = _progress(len(items), "prepare", options.progress)
-            index = 0
-            for results in _ordered_results(_chunks(items, options), workers):
-                for result in results:
-                    item = items[index]
-                    if result[0] == "skip":
-                        skipped.append(Skipped(item.origin, result[1], result[2]))
-                    else:
-                        _, sha, jpeg, width, height = result
-                        if sha in first_by_sha:
-                            first = items[first_by_sha[sha]]
-                            duplicates.append({"path": item.origin, "duplicate_of": first.origin,
-                                               "same_labels": first.labels == item.labels})
-                        else:
-                            first_by_sha[sha] = index
-                            kept.append(index)
-                            kept_sha.append(sha)
-                            batch["image"].append(jpeg)
-                            batch["width"].append(width)
-                            batch["height"].append(height)
-                            if len(batch["image"]) >= 256:
-                                writer.write_table(pa.table(batch, schema=spool_schema))
-                                batch = {"image": [], "width": [], "height": []}
-                    index += 1
-                progress.update(len(results))
-            progress.close()
-            if batch["image"]:
-                writer.write_table(pa.table(batch, schema=spool_schema))
-        if not kept:
+        spool = _spool_images(items, options, os.path.join(scratch, "images.arrow"))
+        skipped = [*skipped, *spool.skipped]
+        if not spool.kept:
             raise DatasetError(f"no usable image among {len(items)} files ({len(skipped)} skipped, "
-                               f"{len(duplicates)} duplicates): nothing was written")
-
-        strata = ["/".join(n or "" for n in items[i].labels) for i in kept]
-        splits = assign_splits(strata, kept_sha, [items[i].split for i in kept], options.val_fraction,
-                               options.test_fraction, options.seed)
+                               f"{len(spool.duplicates)} duplicates): nothing was written")
+        splits = assign_splits(["/".join(n or "" for n in spool.item(row).labels) for row in range(len(spool.kept))],
+                               spool.sha, [spool.item(row).split for row in range(len(spool.kept))],
+                               options.val_fraction, options.test_fraction, options.seed)
         run_id = uuid.uuid4().hex[:8]
-        shards: list[ShardInfo] = []
-        counts = CountAccumulator(ranks)
-        schema = parquet_schema(taxonomy)
-        with pa.memory_map(spool_path, "r") as source:
-            spool = pa.ipc.open_file(source).read_all()
-            by_split: dict[str, list[int]] = {}
-            for position, split in enumerate(splits):
-                by_split.setdefault(split, []).append(position)
-            progress = _progress(len(kept), "write shards", options.progress)
-            for split in _split_order(by_split):
-                rng = np.random.default_rng([options.seed & 0xFFFFFFFF, _stable_seed("rows", split)])
-                positions = [by_split[split][p] for p in rng.permutation(len(by_split[split]))]
-                for number, start in enumerate(range(0, len(positions), options.shard_size)):
-                    part = positions[start:start + options.shard_size]
-                    taken = spool.take(pa.array(part, type=pa.int64()))
-                    columns: dict[str, Any] = {"image": taken.column("image")}
-                    for level, rank in enumerate(ranks):
-                        columns[rank] = [items[kept[p]].labels[level] for p in part]
-                    columns["split"] = [split] * len(part)
-                    columns["source"] = [items[kept[p]].source for p in part]
-                    columns["sha256"] = [kept_sha[p] for p in part]
-                    columns["width"] = taken.column("width")
-                    columns["height"] = taken.column("height")
-                    columns["origin"] = [items[kept[p]].origin for p in part]
-                    table = pa.table(columns, schema=schema)
-                    relative = f"{SHARDS_DIR}/part-{split}-{number:05d}-{run_id}.parquet"
-                    size = write_shard(storage.join(dst, relative), table, options.row_group_size)
-                    shards.append(ShardInfo(path=relative, split=split, rows=len(part), bytes=size))
-                    for p in part:
-                        counts.add(items[kept[p]].labels, split)
-                    progress.update(len(part))
-            progress.close()
-            del spool  # release the memory map before the scratch directory goes
-
-    reasons = Counter(s.reason for s in skipped)
+        shards, counts = _write_shards(dst, spool, splits, taxonomy, options, run_id)
     report = {
         "files_found": len(items) + sum(1 for s in skipped if s.reason == "unlabelled"),
-        "written": len(kept),
-        "duplicates": {"count": len(duplicates), "files": duplicates[:MAX_LISTED]},
-        "skipped": {"count": len(skipped), "by_reason": dict(sorted(reasons.items())),
+        "written": len(spool.kept),
+        "duplicates": {"count": len(spool.duplicates), "files": spool.duplicates[:MAX_LISTED]},
+        "skipped": {"count": len(skipped), "by_reason": dict(sorted(Counter(s.reason for s in skipped).items())),
                     "files": [s.to_dict() for s in skipped[:MAX_LISTED]]},
     }
     metadata = {
@@ -612,11 +596,72 @@ def build_dataset(items: Sequence[SourceItem], dst: str, taxonomy: Taxonomy, opt
     # dataset.json last: from this moment (an atomic PUT / rename) the dataset is visible, and not before.
     storage.write_bytes(storage.join(dst, DATASET_JSON), info.to_json().encode("utf-8"))
     _remove_orphan_shards(dst, {s.path for s in shards})
-    result = PrepareResult(info=DatasetInfo.load(dst), skipped=skipped, duplicates=duplicates,
+    result = PrepareResult(info=DatasetInfo.load(dst), skipped=skipped, duplicates=spool.duplicates,
                            files_found=report["files_found"], seconds=time.perf_counter() - started)
-    logger.info("wrote %s: %d images in %d shards (%d skipped, %d duplicates) in %.1f s", dst, len(kept),
-                len(shards), len(skipped), len(duplicates), result.seconds)
+    logger.info("wrote %s: %d images in %d shards (%d skipped, %d duplicates) in %.1f s", dst, len(spool.kept),
+                len(shards), len(skipped), len(spool.duplicates), result.seconds)
     return result
+
+
+def _spool_images(items: Sequence[SourceItem], options: PrepareOptions, path: str) -> _Spool:
+    """Every item read, hashed, decoded, resized and re-encoded (in worker processes), into a spool at ``path``."""
+    workers = options.workers if options.workers is not None else _available_cores()
+    workers = min(workers, max(1, math.ceil(len(items) / _CHUNK)))
+    progress = _progress(len(items), "prepare", options.progress)
+    with _Spool(path, items) as spool:
+        for results in _ordered_results(_chunks(items, options), workers):
+            for result in results:
+                spool.add(result)
+            progress.update(len(results))
+    progress.close()
+    return spool
+
+
+def _write_shards(dst: str, spool: _Spool, splits: Sequence[str], taxonomy: Taxonomy, options: PrepareOptions,
+                  run_id: str) -> tuple[list[ShardInfo], CountAccumulator]:
+    """Parquet shards of the spooled rows, one split per shard, each split's rows in a seeded random order."""
+    ranks = rank_columns(taxonomy)
+    schema = parquet_schema(taxonomy)
+    shards: list[ShardInfo] = []
+    counts = CountAccumulator(ranks)
+    by_split: dict[str, list[int]] = {}
+    for row, split in enumerate(splits):
+        by_split.setdefault(split, []).append(row)
+    progress = _progress(len(spool.kept), "write shards", options.progress)
+    with pa.memory_map(spool.path, "r") as source:
+        images = pa.ipc.open_file(source).read_all()
+        for split in _split_order(by_split):
+            rng = np.random.default_rng([options.seed & 0xFFFFFFFF, _stable_seed("rows", split)])
+            rows = [by_split[split][p] for p in rng.permutation(len(by_split[split]))]
+            for number, start in enumerate(range(0, len(rows), options.shard_size)):
+                part = rows[start:start + options.shard_size]
+                relative = f"{SHARDS_DIR}/part-{split}-{number:05d}-{run_id}.parquet"
+                size = write_shard(storage.join(dst, relative), _shard_table(images, spool, part, split, ranks, schema),
+                                   options.row_group_size)
+                shards.append(ShardInfo(path=relative, split=split, rows=len(part), bytes=size))
+                for row in part:
+                    counts.add(spool.item(row).labels, split)
+                progress.update(len(part))
+        del images  # release the memory map before the scratch directory goes
+    progress.close()
+    return shards, counts
+
+
+def _shard_table(images: pa.Table, spool: _Spool, rows: Sequence[int], split: str, ranks: Sequence[str],
+                 schema: pa.Schema) -> pa.Table:
+    """The shard of spooled ``rows``: image bytes and size from the spool, labels and provenance from the items."""
+    taken = images.take(pa.array(rows, type=pa.int64()))
+    sources = [spool.item(row) for row in rows]
+    columns: dict[str, Any] = {"image": taken.column("image")}
+    for level, rank in enumerate(ranks):
+        columns[rank] = [item.labels[level] for item in sources]
+    columns["split"] = [split] * len(rows)
+    columns["source"] = [item.source for item in sources]
+    columns["sha256"] = [spool.sha[row] for row in rows]
+    columns["width"] = taken.column("width")
+    columns["height"] = taken.column("height")
+    columns["origin"] = [item.origin for item in sources]
+    return pa.table(columns, schema=schema)
 
 
 def _available_cores() -> int:
@@ -648,9 +693,7 @@ def _remove_orphan_shards(dst: str, keep: set[str]) -> None:
         logger.warning("could not remove leftover shards below %s: %s", dst, exc)
 
 
-def _progress(total: int, description: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
+def _progress(total: int, description: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=description, unit="img", file=sys.stderr, disable=not enabled, dynamic_ncols=True,
                 mininterval=0.5)
 
@@ -684,8 +727,6 @@ def write_synthetic_dataset(dst: str, taxonomy: Taxonomy, *, per_species: int = 
     ``DST/unseen``) whose taxonomy extends the known one, all in split ``unseen``: the known dataset's taxonomy,
     and so the model trained on it, never names them.
     """
-    from taxonet.data.synthetic import SyntheticInsects, unseen_species
-
     options = options or PrepareOptions(workers=1)
     if per_species < 1:
         raise DatasetError(f"--per-species must be positive, got {per_species}")
@@ -720,7 +761,8 @@ def write_synthetic_dataset(dst: str, taxonomy: Taxonomy, *, per_species: int = 
     return known, unseen
 
 
-def _synthetic_items(samples: Iterable[Any], split: str | None = None, partial: bool = False) -> list[SourceItem]:
+def _synthetic_items(samples: Iterable[SyntheticSample], split: str | None = None,
+                     partial: bool = False) -> list[SourceItem]:
     """``partial``: the last rank's label is left unspecified (outlier species, known to their parent only)."""
     items = []
     for sample in samples:

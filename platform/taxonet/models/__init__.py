@@ -4,7 +4,8 @@
 ``{rank: logits}`` (one entry per rank, or only the last rank for a single-task baseline).
 """
 
-from taxonet.models.backbones import BACKBONES, Backbone, WeightsUnavailableError, build_backbone, register_backbone
+from taxonet.models.backbones import (BACKBONES, Backbone, WeightsUnavailableError, build_backbone, imagenet_weights,
+                                      register_backbone)
 from taxonet.models.heads import HierarchicalClassifier, RankHead, build_model
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "WeightsUnavailableError",
     "build_backbone",
     "build_model",
+    "imagenet_weights",
     "register_backbone",
 ]

@@ -1,20 +1,17 @@
 """Backbone registry: torchvision CNNs with their classifier removed, plus a small CNN for CPU demos and tests.
 
-Every backbone maps images [N, 3, H, W] to a feature vector R0 [N, feature_dim]. Weights:
-
-* ``None`` — random init (tests, demos);
-* ``"imagenet"`` — torchvision's weights API (downloaded once into ``$TORCH_HOME``);
-* a local path or ``s3://`` URI of a state dict for the backbone (e.g. a torchvision ``.pth`` file copied
-  into a cluster that has no internet access).
+Every backbone maps images [N, 3, H, W] to a feature vector R0 [N, feature_dim]. Pretrained weights come from the
+caller as a state dict or an open file (this module reads no URIs); :func:`imagenet_weights` fetches torchvision's.
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
+import torchvision
 from torch import nn
 
 
@@ -43,8 +40,6 @@ def register_backbone(backbone: Backbone) -> Backbone:
 
 def _torchvision(name: str, feature_dim: int, weights: str) -> Backbone:
     def build() -> nn.Module:
-        import torchvision
-
         model = getattr(torchvision.models, name)(weights=None)
         # Drop the final classifier: the rank heads sit on the pooled feature R0.
         if hasattr(model, "fc"):
@@ -96,18 +91,12 @@ register_backbone(Backbone("small_cnn", 256, SmallCNN))
 register_backbone(Backbone("tiny_cnn", 64, lambda: SmallCNN(width=8, feature_dim=64)))
 
 
-def _read_bytes(uri: str) -> bytes:
-    if uri.startswith("s3://"):
-        from taxonet import storage  # local import: storage pulls in boto3/pyarrow
-
-        return storage.read_bytes(uri)
-    with open(uri.removeprefix("file://"), "rb") as handle:
-        return handle.read()
-
-
-def _imagenet_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
-    import torchvision
-
+def imagenet_weights(name: str) -> dict[str, torch.Tensor]:
+    """Backbone ``name``'s ImageNet weights through torchvision's weights API (downloaded once into
+    ``$TORCH_HOME``); :class:`WeightsUnavailableError` says how to provide the file where there is no network."""
+    backbone = _spec(name)
+    if backbone.torchvision_weights is None:
+        raise WeightsUnavailableError(f"backbone {name!r} has no ImageNet weights; use weights=null or a file")
     enum_name, member = backbone.torchvision_weights.split(".")
     weights = getattr(getattr(torchvision.models, enum_name), member)
     try:
@@ -122,25 +111,24 @@ def _imagenet_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def build_backbone(name: str, weights: str | None = None) -> tuple[nn.Module, int]:
-    """Build backbone ``name``; returns (module, feature_dim)."""
+def _spec(name: str) -> Backbone:
     try:
-        spec = BACKBONES[name]
+        return BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}") from None
+
+
+def build_backbone(name: str, weights: Mapping[str, torch.Tensor] | BinaryIO | None = None) -> tuple[nn.Module, int]:
+    """Build backbone ``name``; returns (module, feature_dim). ``weights``: None (random init), a state dict, or an
+    open file holding one (torchvision's ``.pth`` files, or ``{"state_dict": ...}``); the caller finds them
+    (:func:`taxonet.train.loop.pretrained_weights` reads ``model.weights``)."""
+    spec = _spec(name)
     module = spec.build()
-    if weights is None or weights in ("", "none", "random"):
+    if weights is None:
         return module, spec.feature_dim
-    if weights == "imagenet":
-        if spec.torchvision_weights is None:
-            raise WeightsUnavailableError(f"backbone {name!r} has no ImageNet weights; use weights=null or a file")
-        state = _imagenet_state_dict(spec)
-    else:
-        try:
-            payload = _read_bytes(weights)
-        except FileNotFoundError as exc:
-            raise WeightsUnavailableError(f"weights file {weights!r} not found") from exc
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    state = weights
+    if not isinstance(state, Mapping):
+        state = torch.load(weights, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
     # torchvision files carry the classifier we removed; drop those keys and insist the rest matches.
@@ -150,9 +138,8 @@ def build_backbone(name: str, weights: str | None = None) -> tuple[nn.Module, in
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # same keys, other shapes (e.g. a wider network's file)
-        raise WeightsUnavailableError(f"weights {weights!r} do not fit backbone {name!r}: {exc}") from exc
+        raise WeightsUnavailableError(f"the weights do not fit backbone {name!r}: {exc}") from exc
     if missing or unexpected:
         raise WeightsUnavailableError(
-            f"weights {weights!r} do not fit backbone {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+            f"the weights do not fit backbone {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return module, spec.feature_dim

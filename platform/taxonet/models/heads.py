@@ -5,16 +5,15 @@ R0 = backbone(x); dropout 0.5 on R0; for each rank l: R_l = W_l2 · relu(W_l1 ·
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import BinaryIO
 
 import torch
 from torch import nn
 
+from taxonet.config import ModelConfig
 from taxonet.models.backbones import build_backbone
-
-if TYPE_CHECKING:
-    from taxonet.config import ModelConfig
-    from taxonet.taxonomy import Taxonomy
+from taxonet.taxonomy import Taxonomy
 
 
 class RankHead(nn.Module):
@@ -45,9 +44,11 @@ class HierarchicalClassifier(nn.Module):
         return {rank: self.heads[rank](features) for rank in self.ranks}
 
 
-def build_model(config: "ModelConfig", taxonomy: "Taxonomy") -> HierarchicalClassifier:
-    """Model for ``taxonomy``: every rank (multitask) or the last rank only (``config.single_task``)."""
-    backbone, dim = build_backbone(config.backbone, config.weights)
+def build_model(config: ModelConfig, taxonomy: Taxonomy,
+                backbone_weights: Mapping[str, torch.Tensor] | BinaryIO | None = None) -> HierarchicalClassifier:
+    """Model for ``taxonomy``: every rank (multitask) or the last rank only (``config.single_task``); the backbone
+    starts from ``backbone_weights`` (see :func:`~taxonet.models.backbones.build_backbone`), else at random."""
+    backbone, dim = build_backbone(config.backbone, backbone_weights)
     ranks = taxonomy.ranks[-1:] if config.single_task else taxonomy.ranks
     heads = {rank: taxonomy.num_classes(rank) for rank in ranks}
     return HierarchicalClassifier(backbone, dim, heads, hidden=config.hidden, dropout=config.dropout)

@@ -1,1 +1,2 @@
-"""Training at cluster scale: Ray Train wrapped around the plain-PyTorch loop of ``taxonet.engine``."""
+"""Training: the plain-PyTorch loop (:mod:`~taxonet.train.loop`), the Ray Train worker around it
+(:mod:`~taxonet.train.worker`) and the driver that runs and publishes a training run (:mod:`~taxonet.train.driver`)."""

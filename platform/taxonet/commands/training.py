@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from taxonet.config import RunConfig
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser("evaluate", help="Table-4 report, confusion matrices, unseen-species table")
     evaluate.add_argument("checkpoint", help="checkpoint directory (local or s3://), e.g. runs/demo/best")
     evaluate.add_argument("dataset", help="prepared dataset URI")
-    evaluate.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    # SUPPRESS: a flag left out is not passed on, so run_evaluation's own defaults apply (stated once, there)
+    evaluate.add_argument("--split", default=argparse.SUPPRESS, help="split to evaluate (default: test)")
     evaluate.add_argument("--unseen", default=None, help="dataset URI of species unseen in training")
     evaluate.add_argument("--out", default=None, help="report directory (default: <checkpoint>-report, local)")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--device", default=argparse.SUPPRESS, help="auto (default), cpu, cuda, cuda:N")
+    evaluate.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="images per forward pass")
     evaluate.set_defaults(handler=_evaluate)
 
     experiment = subparsers.add_parser("experiment", help="N seeds of the MTL model and its single-task baseline")
@@ -43,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     experiment.set_defaults(handler=_experiment)
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202
+def _load(args: argparse.Namespace) -> RunConfig:
     from taxonet.config import load_config
 
     return load_config(args.config, list(args.sets) + list(args.overrides))
@@ -51,7 +56,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def _train(args: argparse.Namespace) -> int:
     from taxonet import raycluster
-    from taxonet.train.ray_trainer import run_training
+    from taxonet.train.driver import run_training
 
     config = _load(args)
     raycluster.init(args.address, num_cpus=args.num_cpus)
@@ -64,13 +69,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from taxonet.evaluate import run_evaluation
+    from taxonet.evaluate.render import write_report
+    from taxonet.evaluate.run import run_evaluation
 
-    report = run_evaluation(args.checkpoint, args.dataset, split=args.split, unseen_uri=args.unseen,
-                            device=args.device, batch_size=args.batch_size)
+    given = {name: getattr(args, name) for name in ("split", "device", "batch_size") if hasattr(args, name)}
+    report = run_evaluation(args.checkpoint, args.dataset, unseen_uri=args.unseen, **given)
     out = args.out or (args.checkpoint.rstrip("/").rsplit("/", 1)[-1] + "-report"
                        if args.checkpoint.startswith("s3://") else args.checkpoint.rstrip("/") + "-report")
-    paths = report.write(out)
+    paths = write_report(report, out)
     print((paths.get("report") or next(iter(paths.values()))).read_text(encoding="utf-8")
           if paths else "", file=sys.stdout)
     print(f"report written to {out}")
@@ -85,5 +91,5 @@ def _experiment(args: argparse.Namespace) -> int:
     raycluster.init(args.address, num_cpus=args.num_cpus)
     result = run_experiment(config, seeds=args.seeds, baseline=not args.no_baseline, out_uri=args.out,
                             parallel=not args.sequential)
-    print(getattr(result, "table_markdown", result))
+    print(result.table_markdown)
     return 0

@@ -1,0 +1,173 @@
+"""The Ray Train driver: a run of :mod:`taxonet.train.worker` on the connected Ray cluster, then its best epoch
+completed (anomaly thresholds) and published for serving.
+
+Run layout under ``train.storage`` (local directory or ``s3://bucket/prefix``)::
+
+    <run_name>/checkpoint_*/   Ray Train checkpoints (latest + best by val_loss), each a complete taxonet checkpoint
+                               plus its resume state (train_state.pt)
+    <run_name>/best/           the best epoch with anomaly thresholds and the run's history: what serving loads
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+import pyarrow.fs
+import ray
+import ray.data
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import RunConfig as RayRunConfig
+from ray.train.torch import TorchTrainer
+
+from taxonet import storage
+from taxonet.checkpoint import materialize, publish_checkpoint
+from taxonet.config import RunConfig
+from taxonet.data.dataset import DatasetInfo
+from taxonet.data.pipeline import Collator, iter_parquet_batches
+from taxonet.data.ray_splits import load_split, read_split
+from taxonet.data.transforms import TransformSpec
+from taxonet.devices import resolve_device
+from taxonet.errors import DatasetError
+from taxonet.train.loop import Metrics, TrainState, complete_checkpoint
+from taxonet.train.worker import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingResult:
+    run_uri: str
+    best_checkpoint: str
+    metrics: Metrics
+    history: list[Metrics]
+    resumed_from_epoch: int | None
+
+
+def run_training(config: RunConfig) -> TrainingResult:
+    """Train ``config`` with Ray Train on the connected Ray cluster (``ray.init`` must have been called).
+
+    A rerun with the same ``train.run_name`` and ``train.storage`` resumes from the latest checkpoint.
+    """
+    if not config.data.dataset:
+        raise DatasetError("data.dataset is not set: give the prepared dataset URI (--set data.dataset=URI)")
+    info = DatasetInfo.load(config.data.dataset)
+    # one progress bar per split and epoch from Ray Data's coordinators drowns the per-epoch summary lines
+    ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("TAXONET_DATA_PROGRESS"))
+    datasets = {}
+    for name, split in (("train", config.data.train_split), ("val", config.data.val_split)):
+        if _cache_split(config.data.cache, sum(s.bytes for s in info.shards_for(split))):
+            # read once, here, into the object store; every epoch then iterates over the blocks in memory
+            datasets[name] = load_split(config.data.dataset, split)
+        else:
+            # Reading is light (decode happens in the workers' Collator): a fractional CPU per read task lets reads
+            # run even when the training workers hold every CPU of a node.
+            datasets[name] = read_split(config.data.dataset, split, num_cpus=0.25)
+    storage_path, filesystem = _storage_for_ray(config.train.storage)
+    run_uri = storage.join(config.train.storage, config.train.run_name)
+    resources = {"CPU": config.train.cpus_per_worker}
+    if config.train.use_gpu:
+        resources["GPU"] = config.train.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config, "taxonomy": info.taxonomy},
+        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RayRunConfig(
+            name=config.train.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    started = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    history = _history(result)
+    start_epoch = int((result.metrics or {}).get("start_epoch", 0))
+    best_checkpoint, best_metrics = min(result.best_checkpoints or [(result.checkpoint, result.metrics)],
+                                        key=lambda pair: pair[1].get("val_loss", math.inf))
+    best_source = _checkpoint_uri(best_checkpoint, config.train.storage)
+    best_uri = storage.join(run_uri, "best")
+    if config.train.use_gpu:  # one pass over the training split: worth a GPU task on the cluster
+        remote = ray.remote(publish_best).options(num_cpus=config.train.cpus_per_worker, num_gpus=1)
+        ray.get(remote.remote(config, best_source, best_uri, history))
+    else:  # on CPU the driver does it itself (no extra scheduling round trip)
+        publish_best(config, best_source, best_uri, history)
+    log.info("training finished in %.0f s; best checkpoint %s", time.time() - started, best_uri)
+    return TrainingResult(run_uri=run_uri, best_checkpoint=best_uri, metrics=dict(best_metrics), history=history,
+                          resumed_from_epoch=start_epoch if start_epoch > 0 else None)
+
+
+def publish_best(config: RunConfig, checkpoint_uri: str, best_uri: str, history: list[Metrics]) -> int:
+    """Complete the best epoch's checkpoint (:func:`taxonet.train.loop.complete_checkpoint`: thresholds fitted on the
+    training split, the run's history) and publish it to ``best_uri``; returns the number of thresholds.
+
+    Runs as a Ray task on a GPU when training used one. The published directory's manifest is written last and the
+    old one removed first, so a reader sees either the previous best checkpoint or the new one.
+    """
+    device = resolve_device("cuda" if config.train.use_gpu and torch.cuda.is_available() else "cpu")
+    info = DatasetInfo.load(config.data.dataset)
+    collate = Collator(info.taxonomy, TransformSpec.from_config(config.data), train=False,
+                       threads=config.train.loader_threads)
+    raw = iter_parquet_batches(config.data.dataset, config.data.train_split, max(config.optim.batch_size, 64),
+                               shuffle=False)
+    with tempfile.TemporaryDirectory(prefix="taxonet-best-") as tmp:
+        # a new directory: a local Ray checkpoint keeps its resume state for a later rerun
+        source = materialize(checkpoint_uri, Path(tmp) / "download")
+        thresholds = complete_checkpoint(source, Path(tmp) / "best", (collate(batch) for batch in raw), device=device,
+                                         history=history)
+        publish_checkpoint(Path(tmp) / "best", best_uri)
+    return len(thresholds.rows)
+
+
+def _cache_split(mode: str, split_bytes: int) -> bool:
+    """Whether to keep a split in the object store: ``mode`` "auto" caches a split whose Parquet bytes (encoded
+    images: the blocks hold them as they are) fit in a quarter of the cluster's object store."""
+    if mode != "auto":
+        return mode == "always"
+    capacity = float(ray.cluster_resources().get("object_store_memory", 0.0))
+    cached = split_bytes <= 0.25 * capacity
+    log.info("data.cache=auto: %s a split of %.1f MB (object store %.1f MB)", "caching" if cached else "streaming",
+             split_bytes / 1e6, capacity / 1e6)
+    return cached
+
+
+def _storage_for_ray(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray Train: S3 gets an explicit pyarrow filesystem (custom endpoint)."""
+    if storage.is_s3(uri):
+        filesystem, path = storage.pyarrow_filesystem(uri)
+        return path, filesystem
+    local = os.path.abspath(uri.removeprefix("file://"))
+    os.makedirs(local, exist_ok=True)
+    return local, None
+
+
+def _history(result: ray.train.Result) -> list[Metrics]:
+    """Per-epoch metrics of the whole run (including epochs before a resume), from the latest checkpoint."""
+    if result.checkpoint is None:  # nothing was checkpointed: the last report is all there is
+        return [dict(result.metrics)] if result.metrics else []
+    with result.checkpoint.as_directory() as directory:
+        return TrainState.load(directory).history
+
+
+def _checkpoint_uri(checkpoint: ray.train.Checkpoint, storage_uri: str) -> str:
+    """A Ray Train Checkpoint → a URI taxonet's storage understands (s3://bucket/key or a local path)."""
+    if storage.is_s3(storage_uri):
+        path = checkpoint.path
+        return path if path.startswith("s3://") else f"s3://{path}"
+    return checkpoint.path
+
+
+__all__ = ["TrainingResult", "publish_best", "run_training"]
