@@ -89,7 +89,9 @@ def _torchvision_file(path: Path, builder: str = "mobilenet_v3_small") -> Path:
 @pytest.mark.parametrize("target", ["file", "s3"])
 def test_stage_weights_from_a_file(target: str, tmp_path: Path, capsys: pytest.CaptureFixture,
                                    request: pytest.FixtureRequest) -> None:
+    from taxonet.config import ModelConfig
     from taxonet.models import build_backbone
+    from taxonet.train.loop import pretrained_weights
 
     source = _torchvision_file(tmp_path / "mobilenet.pth")
     if target == "s3":
@@ -99,7 +101,9 @@ def test_stage_weights_from_a_file(target: str, tmp_path: Path, capsys: pytest.C
     code, out, _ = run(capsys, "models", "stage-weights", "mobilenet_v3_small", uri, "--from", str(source))
     assert code == 0 and json.loads(out)["use"] == f"--set model.weights={uri}"
     assert storage.read_bytes(uri) == source.read_bytes()
-    module, dim = build_backbone("mobilenet_v3_small", uri)  # what training does with model.weights=URI
+    # what training does with model.weights=URI
+    module, dim = build_backbone("mobilenet_v3_small",
+                                 pretrained_weights(ModelConfig(backbone="mobilenet_v3_small", weights=uri)))
     assert dim == 576
 
 
