@@ -5,7 +5,7 @@ already on the device (bf16 autocast, channels_last, Adam, the paper loss) — t
 table; then (2) runs the `taxonet train` verb itself (`taxonet.cli.main(["train", ...])`: Ray Train + Ray Data over
 the Parquet shards of a prepared dataset + the product's worker, decode and augmentation included) on a local Ray
 with one GPU worker, a fixed number of steps per epoch, and reads the per-epoch train images/s that the worker
-reports (`history.json`); epochs after the first are "after warm-up". It prints one Markdown table.
+reports (the history in `best/metrics.json`); epochs after the first are "after warm-up". It prints one Markdown table.
 
 The dataset is the product's layout (`build_dataset`: JPEG shards + dataset.json) of synthetic insects rendered in
 a process pool, stored at ``--stored-side`` (default: the input size, i.e. crops pre-resized to the training size).
@@ -160,7 +160,8 @@ def product_run(case: Case, dataset: str, storage: str, epochs: int, cpus: float
     rc = cli.main(argv)
     if rc != 0:
         raise RuntimeError(f"taxonet train exited with {rc}")
-    history = json.loads((Path(storage) / run / "history.json").read_text())
+    # the run's history rides in the best checkpoint's metrics (train/loop.py: complete_checkpoint)
+    history = json.loads((Path(storage) / run / "best" / "metrics.json").read_text())["history"]
     print(f"{case.name}: taxonet train finished in {time.perf_counter() - started:.0f} s "
           f"(Ray Train start, {epochs} epochs with validation and checkpoints, thresholds)", flush=True)
     return history

@@ -319,7 +319,9 @@ def test_training_survives_losing_a_node(cluster: Cluster, tmp_path: Path) -> No
     # `taxonet train` ends with its JSON summary (Ray's own lines may follow it)
     summary, _ = json.JSONDecoder().raw_decode(text[text.rindex("\n{\n") + 1:])
     assert summary["resumed_from_epoch"] == KILL_AFTER_EPOCH + 1, summary
-    history = json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=f"runs/{RUN}/history.json")["Body"].read())
+    # the run's history rides in the best checkpoint's metrics (train/loop.py: complete_checkpoint)
+    best_metrics = boto3.client("s3").get_object(Bucket=BUCKET, Key=f"runs/{RUN}/best/metrics.json")["Body"].read()
+    history = json.loads(best_metrics)["history"]
     # epochs before the loss ran once in the first attempt; the epoch in flight and the rest ran in the retry
     attempts = [(h["epoch"], h["start_epoch"]) for h in history]
     resumed = KILL_AFTER_EPOCH + 1
