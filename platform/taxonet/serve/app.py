@@ -35,8 +35,8 @@ from taxonet.data.transforms import ImageDecodeError, TransformSpec
 from taxonet.serve.config import (DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, TOKEN_ENV, TOKEN_FILE_ENV,
                                   ClassifierConfig, IngressSettings, ServeArgs)
 from taxonet.serve.errors import ERROR_RESPONSES, ApiError, install_error_handlers
-from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetrics, Upload, load_tokens,
-                                read_uploads)
+from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetrics, Upload, load_tokens, open_images,
+                                read_uploads, where)
 from taxonet.serve.metrics import ClassifierMetrics, IngressMetrics
 from taxonet.serve.predictor import (SERVED_FORMATS, ClassifyResponse, ImageAnswer, ModelRef, Predictor,
                                      Preprocessor, spec_key)
@@ -257,28 +257,11 @@ class TaxonetIngress:
         raise ApiError(503, "unavailable", "the model's preprocessing kept changing during this request; retry",
                        headers={"Retry-After": str(self._settings.retry_after_s)})
 
-    @staticmethod
-    def _where(index: int, upload: Upload, count: int) -> str:
-        return f"files[{index}] ({upload.filename}): " if count > 1 or upload.filename else ""
-
     async def _prepare(self, preprocessor: Preprocessor, uploads: list[Upload]) -> np.ndarray:
         """Every image's header is checked (format, pixels, the request's summed pixels) before any is decoded; then
         they are decoded one at a time within the replica's pixel budget. Resized uint8 [N, 3, S, S]."""
-        settings = self._settings
-        opened: list[Image.Image | None] = []
-        total = 0
+        opened: list[Image.Image | None] = list(open_images(preprocessor, uploads, self._settings.max_request_pixels))
         try:
-            for index, upload in enumerate(uploads):
-                try:
-                    image = preprocessor.open(upload.data)
-                except ImageDecodeError as exc:
-                    raise ApiError.from_decode(exc, self._where(index, upload, len(uploads))) from None
-                opened.append(image)
-                total += image.width * image.height
-                if total > settings.max_request_pixels:
-                    raise ApiError(413, "request_too_large",
-                                   f"the request's images have more than {settings.max_request_pixels} pixels "
-                                   f"together (the limit per request); send fewer or smaller images")
             out = np.empty((len(uploads), 3, preprocessor.spec.input_size, preprocessor.spec.input_size),
                            dtype=np.uint8)
             for index, image in enumerate(opened):
@@ -290,7 +273,7 @@ class TaxonetIngress:
                         # PIL releases the GIL: decode off the event loop
                         out[index] = (await asyncio.to_thread(preprocessor.decode, image)).numpy()
                 except ImageDecodeError as exc:
-                    raise ApiError.from_decode(exc, self._where(index, uploads[index], len(uploads))) from None
+                    raise ApiError.from_decode(exc, where(index, uploads[index], len(uploads))) from None
                 self._metrics.stage("decode", time.perf_counter() - start)
             return out
         finally:

@@ -24,13 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from taxonet.data.transforms import ImageDecodeError
 from taxonet.serve.config import TOKEN_ENV, TOKEN_FILE_ENV, IngressSettings
 from taxonet.serve.errors import ApiError
 from taxonet.serve.metrics import IngressMetrics
+from taxonet.serve.predictor import Preprocessor
 
 #: raw-body content types → the format their bytes must sniff as
 RAW_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
@@ -224,6 +227,36 @@ async def read_uploads(request: Request, settings: IngressSettings) -> list[Uplo
         return await read_multipart(request, settings)
     raise ApiError(415, "unsupported_media_type", f"content type {kind or 'none'} is not accepted: send one image "
                    "as image/jpeg, image/png or image/webp, or several as multipart/form-data 'files'")
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def where(index: int, upload: Upload, count: int) -> str:
+    """The prefix naming a file in an error message (none for a lone raw body)."""
+    return f"files[{index}] ({upload.filename}): " if count > 1 or upload.filename else ""
+
+
+def open_images(preprocessor: Preprocessor, uploads: list[Upload], max_request_pixels: int) -> list[Image.Image]:
+    """Every image of a request with only its header read: format allowed, pixels within the per-image limit, and all
+    of them together within ``max_request_pixels``; nothing is decoded here (:meth:`Preprocessor.decode` does)."""
+    opened: list[Image.Image] = []
+    total = 0
+    try:
+        for index, upload in enumerate(uploads):
+            try:
+                image = preprocessor.open(upload.data)
+            except ImageDecodeError as exc:
+                raise ApiError.from_decode(exc, where(index, upload, len(uploads))) from None
+            opened.append(image)
+            total += image.width * image.height
+            if total > max_request_pixels:
+                raise ApiError(413, "request_too_large", f"the request's images have more than {max_request_pixels} "
+                                                         "pixels together (the limit per request); send fewer or "
+                                                         "smaller images")
+    except ApiError:
+        for image in opened:
+            image.close()
+        raise
+    return opened
 
 
 # ---------------------------------------------------------------------------------------------------- auth

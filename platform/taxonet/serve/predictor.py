@@ -154,8 +154,12 @@ class Preprocessor:
         return open_image(data, max_pixels=self.max_pixels, formats=self.allowed_formats)
 
     def decode(self, image: Image.Image) -> torch.Tensor:
-        """An image from :meth:`open` → resized uint8 [3, S, S] (:meth:`Predictor.predict_tensors` normalises it)."""
-        return self._resize(load_rgb(image, draft_size=self._draft_size))
+        """An image from :meth:`open` → resized uint8 [3, S, S] (:meth:`Predictor.predict_tensors` normalises it).
+        The image is closed afterwards: its full-size pixels are freed at once, whoever still refers to it."""
+        try:
+            return self._resize(load_rgb(image, draft_size=self._draft_size))
+        finally:
+            image.close()
 
     def decode_uint8(self, data: bytes) -> torch.Tensor:
         """Bytes → resized uint8 [3, S, S]: :meth:`open` then :meth:`decode`."""
