@@ -4,7 +4,8 @@ The ingress decodes one image at a time per request and at most ``decode_pixel_b
 (taxonet.serve.http.PixelBudget), so its decode memory is (bytes per pixel) × decode_pixel_budget. This script
 measures the bytes per pixel: each case is encoded to a file, then a fresh Python process reads it, records its
 RSS, decodes and preprocesses the image as the ingress does (``Preprocessor.open`` + ``decode``) and reports the rise
-of its peak RSS (VmHWM, reset just before) over that baseline, divided by the pixel count. docs/api.md quotes the largest.
+of its peak RSS (VmHWM, reset just before) over that baseline, divided by the pixel count. docs/api.md quotes the
+largest.
 
     PYTHONPATH=platform python tests/bench/decode_memory.py [--megapixels 16]
 """

@@ -12,7 +12,7 @@ from PIL import Image
 
 from taxonet.data.transforms import TransformSpec
 from taxonet.serve.errors import ApiError
-from taxonet.serve.http import Admission, BearerAuth, PixelBudget, Upload, load_tokens, open_images
+from taxonet.serve.http import Admission, BearerAuth, PixelBudget, Upload, load_tokens, check_images
 from taxonet.serve.predictor import SERVED_FORMATS, Preprocessor
 
 pytestmark = pytest.mark.unit
@@ -88,13 +88,12 @@ def _blank(width: int, height: int) -> bytes:
 def test_the_request_pixel_budget_is_checked_from_the_headers_before_any_decoding() -> None:
     preprocessor = Preprocessor(TransformSpec(input_size=16), max_pixels=1_000_000, allowed_formats=SERVED_FORMATS)
     at_budget = [Upload(f"{i}.png", _blank(1000, 1000)) for i in range(2)] + [Upload("2.png", _blank(1000, 500))]
-    opened = open_images(preprocessor, at_budget, max_request_pixels=2_500_000)  # exactly the budget
-    assert [image.size for image in opened] == [(1000, 1000), (1000, 1000), (1000, 500)]
-    assert all(image._im is None for image in opened)  # headers only: no pixel buffer yet
+    # exactly the budget
+    assert check_images(preprocessor, at_budget, max_request_pixels=2_500_000) == [1_000_000, 1_000_000, 500_000]
     over = [*at_budget[:2], Upload("2.png", _blank(1000, 501))]  # one row more
     with pytest.raises(ApiError) as info:
-        open_images(preprocessor, over, max_request_pixels=2_500_000)
+        check_images(preprocessor, over, max_request_pixels=2_500_000)
     assert info.value.status == 413 and info.value.code == "request_too_large"
     with pytest.raises(ApiError) as info:  # one image over the per-image limit is named
-        open_images(preprocessor, [at_budget[0], Upload("big.png", _blank(1001, 1000))], max_request_pixels=10**9)
+        check_images(preprocessor, [at_budget[0], Upload("big.png", _blank(1001, 1000))], max_request_pixels=10**9)
     assert info.value.code == "image_too_large" and info.value.message.startswith("files[1] (big.png): ")

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
-from PIL import Image
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -35,7 +34,7 @@ from taxonet.data.transforms import ImageDecodeError, TransformSpec
 from taxonet.serve.config import (DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, TOKEN_ENV, TOKEN_FILE_ENV,
                                   ClassifierConfig, IngressSettings, ServeArgs)
 from taxonet.serve.errors import ERROR_RESPONSES, ApiError, install_error_handlers
-from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetrics, Upload, load_tokens, open_images,
+from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetrics, Upload, check_images, load_tokens,
                                 read_uploads, where)
 from taxonet.serve.metrics import ClassifierMetrics, IngressMetrics
 from taxonet.serve.predictor import (SERVED_FORMATS, ClassifyResponse, ImageAnswer, ModelRef, Predictor,
@@ -260,26 +259,19 @@ class TaxonetIngress:
     async def _prepare(self, preprocessor: Preprocessor, uploads: list[Upload]) -> np.ndarray:
         """Every image's header is checked (format, pixels, the request's summed pixels) before any is decoded; then
         they are decoded one at a time within the replica's pixel budget. Resized uint8 [N, 3, S, S]."""
-        opened: list[Image.Image | None] = list(open_images(preprocessor, uploads, self._settings.max_request_pixels))
-        try:
-            out = np.empty((len(uploads), 3, preprocessor.spec.input_size, preprocessor.spec.input_size),
-                           dtype=np.uint8)
-            for index, image in enumerate(opened):
-                assert image is not None
-                opened[index] = None  # decoded pixels must not outlive this step
-                start = time.perf_counter()
-                try:
-                    async with self._decode_budget.hold(image.width * image.height):
-                        # PIL releases the GIL: decode off the event loop
-                        out[index] = (await asyncio.to_thread(preprocessor.decode, image)).numpy()
-                except ImageDecodeError as exc:
-                    raise ApiError.from_decode(exc, where(index, uploads[index], len(uploads))) from None
-                self._metrics.stage("decode", time.perf_counter() - start)
-            return out
-        finally:
-            for image in opened:
-                if image is not None:
-                    image.close()
+        pixels = check_images(preprocessor, uploads, self._settings.max_request_pixels)
+        size = preprocessor.spec.input_size
+        out = np.empty((len(uploads), 3, size, size), dtype=np.uint8)
+        for index, (upload, count) in enumerate(zip(uploads, pixels, strict=True)):
+            start = time.perf_counter()
+            try:
+                async with self._decode_budget.hold(count):
+                    # PIL releases the GIL: decode off the event loop
+                    out[index] = (await asyncio.to_thread(preprocessor.decode_uint8, upload.data)).numpy()
+            except ImageDecodeError as exc:
+                raise ApiError.from_decode(exc, where(index, upload, len(uploads))) from None
+            self._metrics.stage("decode", time.perf_counter() - start)
+        return out
 
     async def _current_preprocessor(self, stale_key: str | None = None) -> Preprocessor:
         """The preprocessing of the served checkpoint; fetched once, and again when ``stale_key`` went out of date."""
