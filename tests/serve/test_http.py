@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Generator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from PIL import Image
+from ray.exceptions import RayActorError
 
 from taxonet.data.transforms import TransformSpec
+from taxonet.serve.app import TaxonetIngress
+from taxonet.serve.config import IngressSettings
 from taxonet.serve.errors import ApiError
 from taxonet.serve.http import Admission, BearerAuth, PixelBudget, Upload, load_tokens, check_images
 from taxonet.serve.predictor import SERVED_FORMATS, Preprocessor
@@ -97,3 +103,35 @@ def test_the_request_pixel_budget_is_checked_from_the_headers_before_any_decodin
     with pytest.raises(ApiError) as info:  # one image over the per-image limit is named
         check_images(preprocessor, [at_budget[0], Upload("big.png", _blank(1001, 1000))], max_request_pixels=10**9)
     assert info.value.code == "image_too_large" and info.value.message.startswith("files[1] (big.png): ")
+
+
+class _NeverAnswers:
+    """A model deployment call that never completes (a stuck replica); records its cancellation."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return asyncio.get_running_loop().create_future().__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Fails:
+    def __await__(self) -> Generator[Any, None, None]:
+        raise RayActorError()
+        yield
+
+
+@pytest.mark.timeout(60)  # without the ingress's own timeout this call would wait forever
+def test_a_model_call_past_the_timeout_is_a_504_and_a_dead_replica_a_503() -> None:
+    ingress = SimpleNamespace(_settings=IngressSettings(classifier_timeout_s=0.2, retry_after_s=2))
+    ask = TaxonetIngress.func_or_class._ask
+    stuck = _NeverAnswers()
+    with pytest.raises(ApiError) as info:
+        asyncio.run(ask(ingress, stuck))
+    assert info.value.status == 504 and info.value.code == "timeout" and stuck.cancelled
+    with pytest.raises(ApiError) as info:
+        asyncio.run(ask(ingress, _Fails()))
+    assert info.value.status == 503 and info.value.headers == {"Retry-After": "2"}
