@@ -283,6 +283,29 @@ def test_both_rotation_tokens_work_and_the_files_newline_is_not_part_of_them(api
                      401, "unauthorized")
 
 
+def test_jpegs_can_be_decoded_by_the_model_deployment(serve_http: str, checkpoint: Path, reference: Predictor,
+                                                     insect_images: list) -> None:
+    """``jpeg_decode: model`` (what "auto" picks on a GPU, where decode_jpeg is nvjpeg): the ingress checks the headers
+    and sends JPEG bytes, the classifier decodes them on its device; PNGs are still decoded by the ingress."""
+    from ray import serve
+
+    deploy({"checkpoint": str(checkpoint), "jpeg_decode": "model", **LIMITS, "ingress": SMALL,
+            "classifier": {**SMALL, "max_ongoing_requests": 32}}, name="taxonet-jpeg", route_prefix="/jpeg")
+    try:
+        with httpx.Client(base_url=serve_http + "/jpeg", timeout=60) as client:
+            assert client.get("/v1/model").json()["jpeg_on_device"] is True
+            files = [("files", ("a.jpg", encode(insect_images[0][1]), "image/jpeg")),
+                     ("files", ("b.png", encode(insect_images[1][1], "PNG"), "image/png"))]
+            response = client.post("/v1/classify", files=files)
+            assert response.status_code == 200, response.text
+            for answer in response.json()["predictions"]:
+                check_answer(answer, reference.taxonomy, top_k=3)
+            # the header checks still come first: a JPEG over the pixel limit never reaches the model
+            assert_error(classify(client, _blank((2001, 2000)), headers={}), 413, "image_too_large")
+    finally:
+        serve.delete("taxonet-jpeg")
+
+
 # ---------------------------------------------------------------------------------------------------- read-only routes
 def test_model_taxonomy_and_health(api: dict[str, Any], reference: Predictor, checkpoint: Path) -> None:
     client = api["client"]

@@ -274,3 +274,19 @@ def test_the_decoder_itself_is_restricted_to_the_served_formats(insect_images: l
         with pytest.raises(ImageDecodeError):  # the decoder alone, without the sniffer's verdict
             open_image(data, formats=SERVED_FORMATS)
     assert open_image(tiff).format == "TIFF"  # unrestricted (training data) still reads it
+
+
+def test_device_jpeg_decode_matches_the_pil_path(predictor: Predictor, insect_images: list) -> None:
+    """The JPEG path of GPU serving (decode_jpeg; nvjpeg there) runs on the CPU too: it must agree with PIL closely,
+    also for greyscale and CMYK, and fall back to PIL (with its errors) for what it cannot decode."""
+    images = [encode(image, quality=95) for _, image in insect_images[:4]]
+    images += [encode(insect_images[4][1].convert("L")), encode(insect_images[5][1].convert("CMYK"))]
+    on_device = predictor.preprocess_jpeg_on_device(images)
+    reference = torch.stack([predictor.preprocess(data) for data in images])
+    assert on_device.shape == reference.shape and on_device.dtype == torch.float32
+    difference = (on_device - reference).abs().mean(dim=(1, 2, 3))
+    assert (difference < 0.05).all(), difference  # different resize kernels, same picture
+    png = encode(insect_images[0][1], "PNG")  # not a JPEG: the PIL path, exactly
+    assert torch.allclose(predictor.preprocess_jpeg_on_device([images[0], png])[1], predictor.preprocess(png))
+    with pytest.raises(ImageDecodeError):
+        predictor.preprocess_jpeg_on_device([images[0], images[0][:100]])

@@ -1,8 +1,8 @@
 """The Ray Serve application: a CPU ingress (HTTP, validation, decoding) and a batched model deployment.
 
-    client ──HTTP──▶ TaxonetIngress (FastAPI)            ──handle──▶ TaxonetClassifier (@serve.batch)
-                     auth, admission, limits, decode              Predictor: batch forward, anomaly test,
-                     + eval transform, one image at a time        top-k per rank, metrics
+    client ──HTTP──▶ TaxonetIngress (FastAPI)        ──handle──▶ TaxonetClassifier (@serve.batch)
+                     auth, admission, header checks,          Predictor: (JPEG decode on the GPU,) batch
+                     decode + eval transform one at a time    forward, anomaly test, top-k per rank, metrics
 
 Import path for ``serve run`` / ``serve deploy`` / the RayService: ``taxonet.serve.app:app_builder`` with the
 arguments of :class:`taxonet.serve.config.ServeArgs`. The classifier's ``user_config`` (:class:`ClassifierConfig`)
@@ -30,7 +30,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from taxonet.data.transforms import ImageDecodeError, TransformSpec
+from taxonet.data.transforms import ImageDecodeError, TransformSpec, normalize_uint8
 from taxonet.serve.config import (DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, TOKEN_ENV, TOKEN_FILE_ENV,
                                   ClassifierConfig, IngressSettings, ServeArgs)
 from taxonet.serve.errors import ERROR_RESPONSES, ApiError, install_error_handlers
@@ -38,7 +38,7 @@ from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetri
                                 read_uploads, where)
 from taxonet.serve.metrics import ClassifierMetrics, IngressMetrics
 from taxonet.serve.predictor import (SERVED_FORMATS, ClassifyResponse, ImageAnswer, ModelRef, Predictor,
-                                     Preprocessor, spec_key)
+                                     Preprocessor, sniff_format, spec_key)
 
 log = logging.getLogger("ray.serve")
 
@@ -56,9 +56,10 @@ class TaxonetClassifier:
     """Holds a :class:`Predictor`; answers one request's images per call, batched image by image across callers
     by ``@serve.batch``. On CPU the model runs as a frozen TorchScript graph unless ``graph`` is False."""
 
-    def __init__(self, device: str, defaults: dict[str, Any], graph: bool) -> None:
+    def __init__(self, device: str, defaults: dict[str, Any], graph: bool, jpeg_decode: str) -> None:
         self._device = device
         self._graph = graph
+        self._jpeg_decode = jpeg_decode
         self._defaults = dict(defaults)
         self._config: ClassifierConfig | None = None
         self._predictor: Predictor | None = None
@@ -107,7 +108,14 @@ class TaxonetClassifier:
         info["max_batch_size"] = config.max_batch_size if config else None
         info["batch_wait_timeout_s"] = config.batch_wait_timeout_s if config else None
         info["rollout_error"] = self._rollout_error
+        info["jpeg_on_device"] = self._jpeg_on_device()
         return info
+
+    def _jpeg_on_device(self) -> bool:
+        """Whether the ingress should send JPEGs as bytes, for ``preprocess_jpeg_on_device`` here."""
+        if self._jpeg_decode == "auto":
+            return self._require().device.type == "cuda"
+        return self._jpeg_decode == "model"
 
     def taxonomy(self) -> dict[str, Any]:
         taxonomy = self._require().taxonomy
@@ -115,9 +123,11 @@ class TaxonetClassifier:
                 "classes": {rank: list(names) for rank, names in zip(taxonomy.ranks, taxonomy.names)},
                 "tree": taxonomy.tree()}
 
-    async def classify_many(self, images: np.ndarray, transform_key: str) -> ClassifyResponse:
-        """Resized uint8 pixels [N, 3, S, S] of one request → its answers in order; :class:`StaleTransformError`
-        when they were prepared with another transform than the served model's.
+    async def classify_many(self, images: np.ndarray | list[np.ndarray | bytes],
+                            transform_key: str) -> ClassifyResponse:
+        """One request's images → its answers in order. Each image is resized uint8 pixels [3, S, S] prepared by the
+        ingress with the transform ``transform_key``, or (``jpeg_on_device``) a JPEG's bytes, decoded here.
+        :class:`StaleTransformError` when pixels were prepared with another transform than the served model's.
 
         One call per HTTP request, however many images it carries: Ray and Serve's per-call work (routing, the
         queue-length probe, (de)serialisation, metrics) runs in this replica's process and shares its GIL with the
@@ -129,28 +139,45 @@ class TaxonetClassifier:
         return ClassifyResponse(model=results[0][0], predictions=[answer for _, answer in results])
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _predict_batch(self, items: list[tuple[np.ndarray, str]]) -> list[tuple[ModelRef, ImageAnswer] | None]:
+    async def _predict_batch(self, items: list[tuple[np.ndarray | bytes, str]]
+                             ) -> list[tuple[ModelRef, ImageAnswer] | None]:
         predictor = self._require()  # one model for the whole batch, even if a rollout swaps it meanwhile
         key = spec_key(predictor.transform)
-        fresh = [i for i, (_, item_key) in enumerate(items) if item_key == key]
+        # JPEG bytes are prepared here, with this model's transform: never stale
+        fresh = [i for i, (item, item_key) in enumerate(items) if isinstance(item, bytes) or item_key == key]
         out: list[tuple[ModelRef, ImageAnswer] | None] = [None] * len(items)
         if fresh:
-            batch = torch.from_numpy(np.stack([items[i][0] for i in fresh]))
+            images = [items[i][0] for i in fresh]
             start = time.perf_counter()
             if predictor.device.type == "cuda":
                 # kernels run asynchronously and the wait for them releases the GIL: a worker thread keeps the
                 # replica's event loop taking requests (the next batch fills while this one runs)
-                answers = await asyncio.to_thread(predictor.predict_tensors, batch)
+                answers = await asyncio.to_thread(self._predict, predictor, images)
             else:
                 # On CPU the forward pass holds a core and, in Python between ops, the GIL: from a worker thread it
                 # starved the event loop, so requests trickled in and batches stayed at ~1 image (ResNet50-MTL,
                 # 2 cores: 14 img/s). Inline, requests queue up during the pass and the next batch takes them all.
-                answers = predictor.predict_tensors(batch)
+                answers = self._predict(predictor, images)
             self._metrics.batch(len(fresh), time.perf_counter() - start, answers)
             model = predictor.model_ref
             for i, answer in zip(fresh, answers):
                 out[i] = (model, answer)
         return out
+
+    @staticmethod
+    def _predict(predictor: Predictor, images: list[np.ndarray | bytes]) -> list[ImageAnswer]:
+        """Answers for a batch of pixels (normalised on the device) and JPEG bytes (decoded on the device)."""
+        jpegs = [index for index, image in enumerate(images) if isinstance(image, bytes)]
+        if not jpegs:
+            return predictor.predict_tensors(torch.from_numpy(np.stack(images)))
+        size = predictor.transform.input_size
+        batch = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=predictor.device)
+        batch[jpegs] = predictor.preprocess_jpeg_on_device([images[index] for index in jpegs])
+        pixels = [index for index, image in enumerate(images) if not isinstance(image, bytes)]
+        if pixels:
+            stacked = torch.from_numpy(np.stack([images[index] for index in pixels])).to(predictor.device)
+            batch[pixels] = normalize_uint8(stacked, predictor.transform)
+        return predictor.predict_tensors(batch)
 
     def _require(self) -> Predictor:
         if self._predictor is None:
@@ -194,6 +221,7 @@ class TaxonetIngress:
         self._decode_budget = PixelBudget(self._settings.decode_pixel_budget)
         self._metrics = IngressMetrics()
         self._preprocessor: Preprocessor | None = None
+        self._jpeg_on_device = False
         self._preprocessor_lock = asyncio.Lock()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -256,13 +284,19 @@ class TaxonetIngress:
         raise ApiError(503, "unavailable", "the model's preprocessing kept changing during this request; retry",
                        headers={"Retry-After": str(self._settings.retry_after_s)})
 
-    async def _prepare(self, preprocessor: Preprocessor, uploads: list[Upload]) -> np.ndarray:
+    async def _prepare(self, preprocessor: Preprocessor,
+                       uploads: list[Upload]) -> np.ndarray | list[np.ndarray | bytes]:
         """Every image's header is checked (format, pixels, the request's summed pixels) before any is decoded; then
-        they are decoded one at a time within the replica's pixel budget. Resized uint8 [N, 3, S, S]."""
+        they are decoded one at a time within the replica's pixel budget: resized uint8 [N, 3, S, S]. Where the model
+        decodes JPEGs on its device (``jpeg_on_device``), a JPEG goes as its bytes instead."""
         pixels = check_images(preprocessor, uploads, self._settings.max_request_pixels)
         size = preprocessor.spec.input_size
         out = np.empty((len(uploads), 3, size, size), dtype=np.uint8)
+        jpegs: dict[int, bytes] = {}
         for index, (upload, count) in enumerate(zip(uploads, pixels, strict=True)):
+            if self._jpeg_on_device and sniff_format(upload.data) == "JPEG":
+                jpegs[index] = upload.data
+                continue
             start = time.perf_counter()
             try:
                 async with self._decode_budget.hold(count):
@@ -271,7 +305,9 @@ class TaxonetIngress:
             except ImageDecodeError as exc:
                 raise ApiError.from_decode(exc, where(index, upload, len(uploads))) from None
             self._metrics.stage("decode", time.perf_counter() - start)
-        return out
+        if not jpegs:
+            return out
+        return [jpegs.get(index, out[index]) for index in range(len(uploads))]
 
     async def _current_preprocessor(self, stale_key: str | None = None) -> Preprocessor:
         """The preprocessing of the served checkpoint; fetched once, and again when ``stale_key`` went out of date."""
@@ -279,6 +315,7 @@ class TaxonetIngress:
             current = self._preprocessor
             if current is None or (stale_key is not None and current.key == stale_key):
                 info = await self._ask(self._classifier.describe.remote())
+                self._jpeg_on_device = bool(info.get("jpeg_on_device"))
                 spec = TransformSpec.from_dict(info["transform"])
                 if current is None or current.key != spec_key(spec):
                     self._preprocessor = Preprocessor(spec, max_pixels=self._settings.max_image_pixels,
@@ -318,7 +355,7 @@ def app_builder(args: ServeArgs | dict[str, Any]) -> serve.Application:
     config = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
     user_config = config.classifier_config().model_dump()
     classifier = TaxonetClassifier.options(user_config=user_config, **config.classifier.options()).bind(
-        device=config.device, defaults=user_config, graph=config.graph)
+        device=config.device, defaults=user_config, graph=config.graph, jpeg_decode=config.jpeg_decode)
     return TaxonetIngress.options(**config.ingress.options()).bind(classifier,
                                                                    config.ingress_settings().model_dump())
 

@@ -14,7 +14,7 @@ reads it from ``TAXONET_API_TOKEN`` or from the file named by ``TAXONET_API_TOKE
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve.config import AutoscalingConfig
@@ -173,6 +173,9 @@ class ServeArgs(ClassifierConfig, IngressSettings):
     #: on CPU, run the model as a frozen TorchScript graph (no GIL during the forward pass; checked against the
     #: eager model at load, which is kept if tracing fails); no effect on CUDA
     graph: bool = True
+    #: where JPEGs are decoded: "ingress" (PIL, on the CPU), "model" (the classifier, with decode_jpeg on its device:
+    #: nvjpeg on a GPU) or "auto" (the model when it runs on CUDA). PNG and WebP are always decoded by the ingress
+    jpeg_decode: Literal["auto", "ingress", "model"] = "auto"
     ingress: DeploymentArgs = Field(default_factory=DeploymentArgs)
     classifier: DeploymentArgs = Field(default_factory=_default_classifier)
 
