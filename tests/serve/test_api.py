@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from ray import serve
 
 from taxonet.serve.predictor import Predictor
 from taxonet.taxonomy import Taxonomy
@@ -52,8 +53,6 @@ def api(serve_http: str, checkpoint: Path, tmp_path_factory: pytest.TempPathFact
 
     The tokens come as a mounted Secret would bring them: a file named by TAXONET_API_TOKEN_FILE, written with a
     trailing newline and two tokens (a rotation in progress)."""
-    from ray import serve
-
     token_file = tmp_path_factory.mktemp("secret") / "token"
     token_file.write_text(f"{TOKEN} ,{NEXT_TOKEN}\n")
     ingress = {**SMALL, "env_vars": {"TAXONET_API_TOKEN_FILE": str(token_file)}}
@@ -287,8 +286,6 @@ def test_jpegs_can_be_decoded_by_the_model_deployment(serve_http: str, checkpoin
                                                      insect_images: list) -> None:
     """``jpeg_decode: model`` (what "auto" picks on a GPU, where decode_jpeg is nvjpeg): the ingress checks the headers
     and sends JPEG bytes, the classifier decodes them on its device; PNGs are still decoded by the ingress."""
-    from ray import serve
-
     deploy({"checkpoint": str(checkpoint), "jpeg_decode": "model", **LIMITS, "ingress": SMALL,
             "classifier": {**SMALL, "max_ongoing_requests": 32}}, name="taxonet-jpeg", route_prefix="/jpeg")
     try:
@@ -357,8 +354,6 @@ def test_openapi_documents_the_contract(api: dict[str, Any]) -> None:
 def test_bounded_load_scales_up_without_errors_or_restarts(api: dict[str, Any], jpeg: bytes,
                                                            insect_images: list) -> None:
     """Eight loopback clients mix good and bad requests for at most 45 s; the classifier must go 1 → 2 replicas."""
-    from ray import serve
-
     good = [encode(image) for _, image in insect_images]
     bad = [(b"", "image/jpeg", 400), (jpeg[:200], "image/jpeg", 400), (png_bomb(), "image/png", 413),
            (b"text", "text/plain", 415)]

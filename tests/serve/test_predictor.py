@@ -11,8 +11,13 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from taxonet.data.transforms import ImageDecodeError, TransformSpec, build_eval_transform, decode_image, open_image
-from taxonet.serve.predictor import SERVED_FORMATS, Predictor, Preprocessor, sniff_format
+from taxonet.checkpoint import save_checkpoint
+from taxonet.config import load_config
+from taxonet.data.transforms import (ImageDecodeError, TransformSpec, build_eval_transform, decode_image,
+                                     normalize_uint8, open_image)
+from taxonet.models import build_model
+from taxonet.serve.predictor import SERVED_FORMATS, Predictor, Preprocessor, freeze_for_cpu, sniff_format
+from taxonet.taxonomy import Taxonomy
 from .helpers import animated_gif, check_answer, encode, odd_images, png_bomb, variant
 
 pytestmark = pytest.mark.unit
@@ -79,12 +84,6 @@ def test_strict_thresholds_make_every_rank_unsure(checkpoint: Path, tmp_path: Pa
 
 
 def test_single_task_checkpoint_answers_higher_ranks_from_the_taxonomy(tmp_path: Path, jpeg: bytes) -> None:
-    from taxonet.checkpoint import save_checkpoint
-    from taxonet.config import load_config
-    from taxonet.data.transforms import TransformSpec
-    from taxonet.models import build_model
-    from taxonet.taxonomy import Taxonomy
-
     taxonomy = Taxonomy.demo()
     config = load_config("demo", {"model.backbone": "tiny_cnn", "model.single_task": True, "data.input_size": 32})
     directory = save_checkpoint(tmp_path / "species-only", build_model(config.model, taxonomy), taxonomy, config,
@@ -162,14 +161,10 @@ def test_describe_names_the_model(predictor: Predictor, checkpoint: Path) -> Non
 def test_uint8_pixels_give_the_float_paths_answers(predictor: Predictor, insect_images: list) -> None:
     """The ingress ships resized uint8 pixels (a quarter of the bytes) and the classifier normalises the batch: the
     tensors, logits and answers are those of the float eval transform, exactly."""
-    import torch
-
     data = [encode(image) for _, image in insect_images][:6]
     pixels = torch.stack([predictor.preprocessor.decode_uint8(d) for d in data])
     floats = torch.stack([predictor.preprocess(d) for d in data])
     assert pixels.dtype == torch.uint8 and pixels.shape == floats.shape
-    from taxonet.data.transforms import normalize_uint8
-
     assert torch.equal(normalize_uint8(pixels, predictor.transform), floats)
     for rank, values in predictor.logits(pixels).items():
         assert np.array_equal(values, predictor.logits(floats)[rank])
@@ -208,8 +203,6 @@ def test_cpu_graph_gives_the_eager_models_answers(checkpoint: Path, insect_image
 
 
 def test_a_model_the_graph_would_change_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
-    from taxonet.serve.predictor import freeze_for_cpu
-
     model = _ShapeBranch().eval()
     with caplog.at_level("WARNING", logger="taxonet.serve.predictor"):
         assert freeze_for_cpu(model, 16) is None
