@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from taxonet.serve.config import ClassifierConfig, IngressSettings, ServeArgs
+from taxonet.serve.config import MODEL_POLL_S, ClassifierConfig, IngressSettings, ServeArgs
 
 pytestmark = pytest.mark.unit
 
@@ -52,13 +53,31 @@ def test_classifier_user_config_is_partial_over_the_args_and_strict() -> None:
     args = ServeArgs.model_validate({"checkpoint": "s3://b/one", "top_k": 5, "classifier": {"autoscaling": None,
                                                                                           "num_replicas": 2}})
     base = args.classifier_config().model_dump()
-    assert base == {"checkpoint": "s3://b/one", "top_k": 5, "max_batch_size": 32, "batch_wait_timeout_s": 0.01,
-                    "max_image_pixels": 40_000_000}
-    merged = ClassifierConfig.model_validate({**base, "checkpoint": "s3://b/two"})
-    assert merged.checkpoint == "s3://b/two" and merged.top_k == 5
+    assert base == {"model": "s3://b/one", "model_poll_s": MODEL_POLL_S, "top_k": 5, "max_batch_size": 32,
+                    "batch_wait_timeout_s": 0.01, "max_image_pixels": 40_000_000}
+    # a user_config may name the new model under either name; it replaces the args' reference
+    for key in ("checkpoint", "model"):
+        merged = ClassifierConfig.layered(base, {key: "s3://b/two"})
+        assert merged.model == "s3://b/two" and merged.top_k == 5
+    assert ClassifierConfig.layered(base, {"top_k": 1}).model == "s3://b/one"
     with pytest.raises(ValidationError):
-        ClassifierConfig.model_validate({**base, "chekpoint": "s3://b/two"})
+        ClassifierConfig.layered(base, {"chekpoint": "s3://b/two"})
+    with pytest.raises(ValidationError, match="not both"):
+        ClassifierConfig.layered(base, {"checkpoint": "s3://b/two", "model": "s3://b/three"})
     assert args.classifier.options()["num_replicas"] == 2 and "autoscaling_config" not in args.classifier.options()
+
+
+def test_model_is_a_reference_or_a_checkpoint_exactly_once_and_polled() -> None:
+    args = ServeArgs.model_validate({"model": "s3://b/models/demo@production"})
+    assert args.model == args.checkpoint == "s3://b/models/demo@production"
+    assert args.model_poll_s == MODEL_POLL_S and args.ingress_settings().retry_after_s == math.ceil(MODEL_POLL_S)
+    assert ServeArgs.model_validate({"checkpoint": "runs/x/best"}).model == "runs/x/best"
+    with pytest.raises(ValidationError, match="not both"):
+        ServeArgs.model_validate({"model": "a@production", "checkpoint": "runs/x/best"})
+    with pytest.raises(ValidationError, match="model_poll_s"):
+        ServeArgs.model_validate({"model": "x", "model_poll_s": 0})
+    fast = ServeArgs.model_validate({"model": "x", "model_poll_s": 2.5})
+    assert fast.classifier_config().model_poll_s == 2.5 and fast.ingress_settings().retry_after_s == 3
 
 
 def test_token_comes_from_args_or_the_replica_environment(monkeypatch: pytest.MonkeyPatch) -> None:

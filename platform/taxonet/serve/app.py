@@ -5,9 +5,13 @@
                      decode + eval transform per image              top-k per rank, metrics
 
 Import path for ``serve run`` / ``serve deploy`` / the RayService: ``taxonet.serve.app:app_builder`` with the
-arguments of :class:`taxonet.serve.config.ServeArgs`. The classifier's ``user_config`` (checkpoint, top_k,
-max_batch_size, batch_wait_timeout_s) is applied in place by ``reconfigure``: batching changes at once, and a new
-checkpoint is loaded beside the running model and swapped in when ready, so a rollout fails no request.
+arguments of :class:`taxonet.serve.config.ServeArgs`. The classifier follows a model reference — a checkpoint URI
+or a registry alias ``MODELS/NAME@ALIAS`` — polled every ``model_poll_s`` (:mod:`taxonet.serve.follower`): a new
+version is verified, loaded beside the running model and swapped in between batches, each request answered wholly by
+the model live when it arrived; a version that fails is refused and the old one stays. Until a model is loaded the
+app runs: ``/healthz`` 200, ``/readyz`` and ``/v1/classify`` 503 with ``Retry-After``. The classifier's
+``user_config`` (model, model_poll_s, top_k, max_batch_size, batch_wait_timeout_s) is applied in place by
+``reconfigure`` under the same rules, so a rollout fails no request.
 
 The ingress preprocesses with the transform the classifier reports (from the checkpoint) and tags every tensor with
 it; if a rollout changed the transform meanwhile, the classifier sends the image back and the ingress redoes it.
@@ -34,15 +38,17 @@ from starlette.formparsers import MultiPartException
 
 from taxonet.data.transforms import ImageDecodeError, TransformSpec, normalize_uint8
 from taxonet.predictor import SERVED_FORMATS, Predictor, Preprocessor, spec_key
-from taxonet.serve.config import ClassifierConfig, IngressSettings, ServeArgs
+from taxonet.registry import ResolvedModel
+from taxonet.serve.config import MODEL_POLL_S, ClassifierConfig, IngressSettings, ServeArgs
 from taxonet.serve.errors import ERROR_RESPONSES, ApiError, error_response, install_error_handlers
+from taxonet.serve.follower import ModelFollower, ModelNotReady
 
 log = logging.getLogger("ray.serve")
 
 RAW_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 #: content types accepted on a multipart file part; octet-stream/absent leave the decision to the image's bytes
 PART_TYPES = set(RAW_TYPES) | {"application/octet-stream", ""}
-ROUTES = ("/v1/classify", "/v1/taxonomy", "/v1/model", "/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect",
+ROUTES = ("/v1/classify", "/v1/taxonomy", "/v1/model", "/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect",
           "/redoc")
 STALE = "stale_transform"
 
@@ -51,7 +57,12 @@ STALE = "stale_transform"
 @serve.deployment(name="TaxonetClassifier")
 class TaxonetClassifier:
     """Holds a :class:`Predictor`; answers one request's images per call, batched image by image across callers
-    by ``@serve.batch``. On CPU the model runs as a frozen TorchScript graph unless ``graph`` is False."""
+    by ``@serve.batch``. On CPU the model runs as a frozen TorchScript graph unless ``graph`` is False.
+
+    The model follows a reference (:class:`taxonet.serve.follower.ModelFollower`): polled every ``model_poll_s``,
+    a new version is verified and loaded beside the old one and swapped in between batches; each request keeps the
+    predictor that was live when it arrived. Until a model is loaded the replica runs and says it is not ready.
+    """
 
     def __init__(self, device: str = "auto", defaults: dict[str, Any] | None = None, graph: bool = True) -> None:
         from taxonet.serve.metrics import ClassifierMetrics
@@ -61,52 +72,100 @@ class TaxonetClassifier:
         self._defaults = dict(defaults or {})
         self._config: ClassifierConfig | None = None
         self._predictor: Predictor | None = None
+        self._follower: ModelFollower[Predictor] | None = None
+        self._poller: asyncio.Task[None] | None = None
         self._rollout_error: str | None = None
         self._reload_lock = asyncio.Lock()
         self._metrics = ClassifierMetrics()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply batching settings at once; load a new checkpoint beside the old model and swap when ready.
+        """Apply batching settings at once; follow the (possibly new) model reference.
 
-        The first load failing fails the replica (a deploy with a bad checkpoint must not look healthy). A later
-        load failing keeps the running model and reports the problem in GET /v1/model (``rollout_error``).
+        Never fails for a model that cannot be loaded (the replica keeps what it had, or waits, and says so in
+        GET /v1/model): a refused rollout must not become a config that later replicas cannot start with. Invalid
+        settings are refused the same way once the replica runs; on a fresh replica they fall back to the
+        application's arguments.
         """
-        config = ClassifierConfig.model_validate({**self._defaults, **(user_config or {})})
+        try:
+            config = ClassifierConfig.layered(self._defaults, user_config)
+        except ValueError as exc:
+            self._rollout_error = f"user_config refused: {exc}"
+            log.error("taxonet: %s", self._rollout_error)
+            if self._config is not None:
+                return
+            config = ClassifierConfig.layered(self._defaults, None)
+        else:
+            self._rollout_error = None
         self._predict_batch.set_max_batch_size(config.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         async with self._reload_lock:
-            current = self._config
-            if self._predictor is not None and current is not None and current.checkpoint == config.checkpoint:
+            self._config = config
+            if self._predictor is not None:
                 self._predictor.top_k = config.top_k
                 self._predictor.preprocessor.max_pixels = config.max_image_pixels
-                self._config, self._rollout_error = config, None
+            if self._follower is None:
+                fallback = self._defaults.get("model")
+                self._follower = ModelFollower(config.model, self._load,
+                                               fallback=fallback if fallback != config.model else None)
+            elif self._follower.reference != config.model:
+                self._follower.follow(config.model)
+            else:
                 return
-            try:
-                predictor = await asyncio.to_thread(Predictor.from_checkpoint, config.checkpoint, self._device,
-                                                    top_k=config.top_k, max_image_pixels=config.max_image_pixels,
-                                                    graph=self._graph)
-            except Exception as exc:
-                if self._predictor is None:
-                    raise
-                self._rollout_error = f"checkpoint {config.checkpoint} not loaded, still serving " \
-                                      f"{self._predictor.version}: {exc}"
-                log.error("taxonet: %s", self._rollout_error)
-                return
-            self._predictor, self._config, self._rollout_error = predictor, config, None
+            await self._poll()
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    def _load(self, resolved: ResolvedModel) -> Predictor:
+        config = self._config
+        assert config is not None
+        predictor = Predictor.from_checkpoint(resolved.uri, self._device, top_k=config.top_k,
+                                              max_image_pixels=config.max_image_pixels, graph=self._graph)
+        # a registry version's answers name the model and version number the registry gave it
+        predictor.info.update(name=resolved.name, version=resolved.version, model_reference=resolved.reference)
+        return predictor
+
+    async def _poll(self) -> None:
+        """One poll of the reference (in a thread: it reads storage and may load a model); swap in a new model."""
+        follower = self._follower
+        assert follower is not None
+        result = await asyncio.to_thread(follower.poll)
+        if result.served is not None:
+            predictor = result.served.model
+            self._predictor = predictor  # atomic: batches pin the predictor they started with
             self._metrics.serving(predictor.name, predictor.version)
-            log.info("taxonet: serving %s %s from %s on %s", predictor.name, predictor.version, config.checkpoint,
-                     predictor.device)
+            log.info("taxonet: serving %s %s from %s on %s", predictor.name, predictor.version,
+                     result.served.resolved.uri, predictor.device)
+        if result.is_failure:
+            self._metrics.load_failed()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            config = self._config
+            await asyncio.sleep(config.model_poll_s if config else MODEL_POLL_S)
+            try:
+                async with self._reload_lock:
+                    await self._poll()
+            except Exception:  # never let one bad poll stop the following
+                log.exception("taxonet: polling the model reference failed")
 
     def check_health(self) -> None:
-        if self._predictor is None:
-            raise RuntimeError("no model loaded")
+        if self._poller is not None and self._poller.done():
+            raise RuntimeError("the model poller stopped")
 
     def describe(self) -> dict[str, Any]:
-        info = self._require().describe()
+        """GET /v1/model: the live model (if any), the followed reference and the last attempt's outcome."""
+        follower = self._follower
+        info: dict[str, Any] = {"name": None, "version": None, "checkpoint": None, "transform": None}
+        if self._predictor is not None:
+            info.update(self._predictor.describe())
+        if follower is not None:
+            info.update(follower.status())
+        info["ready"] = self._predictor is not None
         config = self._config
         info["max_batch_size"] = config.max_batch_size if config else None
         info["batch_wait_timeout_s"] = config.batch_wait_timeout_s if config else None
-        info["rollout_error"] = self._rollout_error
+        info["model_poll_s"] = config.model_poll_s if config else None
+        info["rollout_error"] = self._rollout_error or (follower.last_error if follower else None)
         return info
 
     def taxonomy(self) -> dict[str, Any]:
@@ -123,26 +182,39 @@ class TaxonetClassifier:
         queue-length probe, (de)serialisation, metrics) runs in this replica's process and shares its GIL with the
         forward pass. The images still batch one by one with other requests' images in ``_predict_batch``.
         """
-        return list(await asyncio.gather(*(self._predict_batch((image, transform_key)) for image in images)))
+        predictor = self._require()  # the whole request is answered by the model live now
+        return list(await asyncio.gather(*(self._predict_batch((predictor, (image, transform_key)))
+                                           for image in images)))
 
-    async def classify_bytes(self, data: bytes) -> dict[str, Any]:
-        """One encoded image (already validated by the ingress), preprocessed here with this replica's transform.
+    async def classify_bytes(self, blobs: list[bytes]) -> list[dict[str, Any]]:
+        """Encoded images of one request (already validated by the ingress), preprocessed here with the transform of
+        the model live now, which answers them all.
 
         The ingress's fallback while a rollout changes the transform; rare, so decoding here costs little.
         """
-        for _ in range(3):  # the model could be swapped again between preprocessing and the batch
-            predictor = self._require()
-            image = await asyncio.to_thread(predictor.preprocessor.decode_uint8, data)
-            answer = await self._predict_batch((image.numpy(), spec_key(predictor.transform)))
-            if not answer.get(STALE):
-                return answer
-        raise RuntimeError("the model's transform kept changing during one request")
+        predictor = self._require()
+        key = spec_key(predictor.transform)
+        images = await asyncio.gather(*(asyncio.to_thread(predictor.preprocessor.decode_uint8, data)
+                                        for data in blobs))
+        return list(await asyncio.gather(*(self._predict_batch((predictor, (image.numpy(), key)))
+                                           for image in images)))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _predict_batch(self, items: list[tuple[np.ndarray, str]]) -> list[dict[str, Any]]:
+    async def _predict_batch(self, items: list[tuple[Predictor, tuple[np.ndarray, str]]]) -> list[dict[str, Any]]:
+        # each item carries the predictor its request pinned: a batch formed across a swap runs once per model
+        groups: dict[int, tuple[Predictor, list[int]]] = {}
+        for index, (predictor, _) in enumerate(items):
+            groups.setdefault(id(predictor), (predictor, []))[1].append(index)
+        out: list[dict[str, Any]] = [{}] * len(items)
+        for predictor, indices in groups.values():
+            answers = await self._predict_with(predictor, [items[i][1] for i in indices])
+            for index, answer in zip(indices, answers, strict=True):
+                out[index] = answer
+        return out
+
+    async def _predict_with(self, predictor: Predictor, items: list[tuple[np.ndarray, str]]) -> list[dict[str, Any]]:
         import torch
 
-        predictor = self._require()  # one model for the whole batch, even if a rollout swaps it meanwhile
         key = spec_key(predictor.transform)
         fresh = [i for i, (_, item_key) in enumerate(items) if item_key == key]
         out: list[dict[str, Any]] = [{STALE: True}] * len(items)
@@ -172,7 +244,9 @@ class TaxonetClassifier:
 
     def _require(self) -> Predictor:
         if self._predictor is None:
-            raise RuntimeError("no model loaded yet")
+            follower = self._follower
+            reason = follower.last_error if follower is not None and follower.last_error else "not loaded yet"
+            raise ModelNotReady(f"no model loaded yet: {reason}")
         return self._predictor
 
 
@@ -299,10 +373,19 @@ class TaxonetIngress:
 
         api.include_router(v1)
 
-        @api.get("/healthz", summary="Liveness: the ingress answers and the model deployment is reachable")
+        @api.get("/healthz", summary="Liveness: the ingress answers and the model deployment is reachable (also "
+                                     "while no model is loaded yet)")
         async def healthz() -> JSONResponse:
             info = await self._call_model("describe")
             return JSONResponse({"status": "ok", "model": {"name": info["name"], "version": info["version"]}})
+
+        @api.get("/readyz", summary="Readiness: a model is loaded (503 with Retry-After until then)",
+                 responses={503: ERROR_RESPONSES[503]})
+        async def readyz() -> JSONResponse:
+            info = await self._call_model("describe")
+            if not info.get("ready"):
+                raise self._not_ready(info.get("last_error") or "not loaded yet")
+            return JSONResponse({"status": "ready", "model": {"name": info["name"], "version": info["version"]}})
 
         api.add_middleware(_RequestMetrics, metrics=self._metrics)
         return api
@@ -345,7 +428,8 @@ class TaxonetIngress:
         answers = await self._infer([data for _, data in uploads], images, preprocessor.key)
         model = answers[0].pop("model")
         for answer in answers[1:]:
-            answer.pop("model")
+            if answer.pop("model") != model:  # never by construction (one pinned model per call): fail, never mix
+                raise ApiError(500, "internal_error", "one request was answered by two model versions; retry")
         predictions = [{"filename": name, **answer} for (name, _), answer in zip(uploads, answers, strict=True)]
         return {"model": model, "predictions": predictions}
 
@@ -362,10 +446,11 @@ class TaxonetIngress:
                 # A rollout changed the preprocessing after these images were prepared: the classifier prepares them
                 # itself (it knows its own transform), and later requests use the new transform.
                 await self._current_preprocessor(stale_key=transform_key)
-                redone = await asyncio.gather(*(self._classifier.classify_bytes.remote(blobs[index])
-                                                for index in stale))
+                redone = await self._classifier.classify_bytes.remote([blobs[index] for index in stale])
                 for index, answer in zip(stale, redone, strict=True):
                     answers[index] = answer
+        except ModelNotReady as exc:  # this classifier replica has no model yet (e.g. just scaled up)
+            raise self._not_ready(str(exc)) from None
         except (RayActorError, ActorUnavailableError) as exc:  # replica gone or starting: not the client's fault
             log.warning("taxonet: classifier replica unavailable: %r", exc)
             raise ApiError(503, "unavailable", "the model deployment is not available; retry shortly") from None
@@ -388,15 +473,24 @@ class TaxonetIngress:
             current = self._preprocessor
             if current is None or (stale_key is not None and current.key == stale_key):
                 info = await self._call_model("describe")
+                if not info.get("transform"):
+                    raise self._not_ready(info.get("last_error") or "not loaded yet")
                 spec = TransformSpec.from_dict(info["transform"])
                 if current is None or current.key != spec_key(spec):
                     self._preprocessor = Preprocessor(spec, max_pixels=self._settings.max_image_pixels,
                                                       allowed_formats=SERVED_FORMATS)
             return self._preprocessor
 
+    def _not_ready(self, reason: str) -> ApiError:
+        reason = reason.removeprefix("no model loaded yet: ")
+        return ApiError(503, "model_not_ready", f"no model loaded yet ({reason}); retry later",
+                        headers={"Retry-After": str(self._settings.retry_after_s)})
+
     async def _call_model(self, method: str) -> Any:
         try:
             return await getattr(self._classifier, method).remote()
+        except ModelNotReady as exc:
+            raise self._not_ready(str(exc)) from None
         except Exception as exc:  # the model deployment is starting, failing or gone: not the client's fault
             log.warning("taxonet: model deployment unreachable: %r", exc)
             raise ApiError(503, "unavailable", "the model deployment is not available; retry shortly") from None
@@ -469,10 +563,11 @@ class TaxonetIngress:
 
 # ---------------------------------------------------------------------------------------------------- builder
 def app_builder(args: "ServeArgs | dict[str, Any]") -> serve.Application:
-    """Build the application from :class:`ServeArgs` (a Serve config's ``args:``); only ``checkpoint`` is required.
+    """Build the application from :class:`ServeArgs` (a Serve config's ``args:``); only ``model`` is required.
 
-    The classifier gets the checkpoint and batching through ``user_config``, so a Serve config that changes only
-    ``deployments[TaxonetClassifier].user_config`` rolls a new model out in place.
+    The classifier gets the model reference, its poll interval and batching through ``user_config``, so a Serve
+    config that changes only ``deployments[TaxonetClassifier].user_config`` rolls a new model out in place; the
+    args' own reference is what a replica falls back to when a rolled-out one is refused.
     """
     config = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
     user_config = config.classifier_config().model_dump()

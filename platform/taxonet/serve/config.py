@@ -6,6 +6,7 @@ Pydantic lives here because this is the configuration boundary: ``serve run``/``
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -16,6 +17,24 @@ from taxonet.data.transforms import DEFAULT_MAX_PIXELS
 #: environment variable read (in the ingress replica) when ``api_token`` is not given
 TOKEN_ENV = "TAXONET_API_TOKEN"
 MIB = 1024 * 1024
+#: seconds between two polls of the model reference by each classifier replica (and the Retry-After of a 503
+#: while no model is loaded)
+MODEL_POLL_S = 30.0
+
+
+def _model_or_checkpoint(data: Any) -> Any:
+    """``checkpoint`` (the older name) is accepted for ``model``; exactly one of them."""
+    if isinstance(data, dict) and data.get("model") is None and data.get("checkpoint") is None:
+        raise ValueError("model is required: a checkpoint URI or a registry reference MODELS/NAME@ALIAS "
+                         "(checkpoint is accepted as its older name)")
+    if isinstance(data, dict) and "checkpoint" in data:
+        data = dict(data)
+        checkpoint = data.pop("checkpoint")
+        if data.get("model") is not None and checkpoint is not None:
+            raise ValueError("give either model or checkpoint (its older name), not both")
+        if checkpoint is not None:
+            data["model"] = checkpoint
+    return data
 
 
 def _check_autoscaling(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -72,26 +91,46 @@ def _default_classifier() -> DeploymentArgs:
 class ClassifierConfig(BaseModel):
     """What ``TaxonetClassifier`` takes through ``user_config`` (changed in place, without restarting replicas).
 
-    A new ``checkpoint`` is loaded beside the old model, which keeps answering until the new one is ready.
+    A new ``model`` reference (or ``checkpoint``, its older name) is followed from then on: what it points at is
+    verified and loaded beside the old model, which keeps answering until the new one is ready, or keeps answering
+    if the new one is refused (taxonet.serve.follower).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    model_poll_s: float = Field(MODEL_POLL_S, gt=0)
     top_k: int = Field(3, ge=1)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     #: the ingress's pixel limit, honoured too when the classifier decodes (its fallback during a rollout)
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
+    _accept_checkpoint = model_validator(mode="before")(_model_or_checkpoint)
+
+    @classmethod
+    def layered(cls, defaults: dict[str, Any], user_config: dict[str, Any] | None) -> "ClassifierConfig":
+        """``user_config`` over the application's ``defaults``; a reference given as ``checkpoint`` there replaces
+        the defaults' ``model``."""
+        user_config = dict(user_config or {})
+        base = dict(defaults)
+        if "checkpoint" in user_config or "model" in user_config:
+            base.pop("model", None)
+            base.pop("checkpoint", None)
+        return cls.model_validate({**base, **user_config})
+
 
 class ServeArgs(BaseModel):
-    """Arguments of the taxonet Serve application; only ``checkpoint`` is required."""
+    """Arguments of the taxonet Serve application; only ``model`` (or ``checkpoint``, its older name) is required."""
 
     model_config = ConfigDict(extra="forbid")
 
-    #: checkpoint directory: local path, file:// or s3:// (S3 settings from the environment)
-    checkpoint: str = Field(min_length=1)
+    #: what to serve: a checkpoint directory (local path, file:// or s3://; S3 settings from the environment) or a
+    #: registry reference MODELS/NAME@ALIAS / MODELS/NAME@N. Followed: each classifier replica polls it every
+    #: ``model_poll_s`` and loads what it points at when that changes (docs/models.md). ``checkpoint`` is accepted
+    #: as its older name.
+    model: str = Field(min_length=1)
+    model_poll_s: float = Field(MODEL_POLL_S, gt=0)
     #: "auto" (CUDA when the replica was given a GPU), "cpu", "cuda" or "cuda:N"
     device: str = "auto"
     #: on CPU, run the model as a frozen TorchScript graph (no GIL during the forward pass; checked against the
@@ -113,6 +152,13 @@ class ServeArgs(BaseModel):
     ingress: DeploymentArgs = Field(default_factory=DeploymentArgs)
     classifier: DeploymentArgs = Field(default_factory=_default_classifier)
 
+    _accept_checkpoint = model_validator(mode="before")(_model_or_checkpoint)
+
+    @property
+    def checkpoint(self) -> str:
+        """The older name of ``model``."""
+        return self.model
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -129,13 +175,13 @@ class ServeArgs(BaseModel):
         return self
 
     def classifier_config(self) -> ClassifierConfig:
-        return ClassifierConfig(checkpoint=self.checkpoint, top_k=self.top_k, max_batch_size=self.max_batch_size,
+        return ClassifierConfig(model=self.model, model_poll_s=self.model_poll_s, top_k=self.top_k, max_batch_size=self.max_batch_size,
                                 batch_wait_timeout_s=self.batch_wait_timeout_s, max_image_pixels=self.max_image_pixels)
 
     def ingress_settings(self) -> "IngressSettings":
         return IngressSettings(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
                                max_files=self.max_files, max_request_bytes=self.max_request_bytes,
-                               api_token=self.api_token)
+                               api_token=self.api_token, retry_after_s=max(1, math.ceil(self.model_poll_s)))
 
 
 class IngressSettings(BaseModel):
@@ -148,6 +194,8 @@ class IngressSettings(BaseModel):
     max_files: int = 32
     max_request_bytes: int = 64 * MIB
     api_token: SecretStr | None = None
+    #: Retry-After (seconds) of a 503 while no model is loaded: one poll interval
+    retry_after_s: int = math.ceil(MODEL_POLL_S)
 
     def token(self) -> str | None:
         """The configured token, else $TAXONET_API_TOKEN (read in the replica, where the Secret is mounted)."""
