@@ -125,6 +125,9 @@ class ModelFollower(Generic[M]):
                 assert fallback.served is not None
                 log.warning("taxonet: %s yields no loadable model (%s); serving the fallback %s, version %s",
                             self.reference, result.message, self.fallback, fallback.served.resolved.version)
+                # still a failed attempt at the followed reference: say so until that one loads
+                self.last_error = f"{result.message}; serving the fallback {self.fallback} meanwhile"
+                self.last_error_at = time.time()
                 return PollResult(LOADED, fallback.served, result.message)
         return result
 
