@@ -90,22 +90,37 @@ def test_a_damaged_version_is_refused_the_old_stays_and_a_later_follower_refuses
     damage_version(registry.version_uri(models, "demo", 2), damage)  # ... damaged afterwards
 
     result = follower.poll()
-    assert result.is_failure and result.outcome in (REFUSED, FAILED)
+    assert result.outcome == REFUSED and result.is_failure
     assert live_version(follower) == "1" and follower.load_failures == 1
     assert "still serving version 1" in (follower.last_error or "")
     status = follower.status()
     assert status["live"]["version"] == "1" and status["last_error"] == follower.last_error
-    if result.outcome == REFUSED:  # remembered: not verified or counted again while the alias stays there
-        assert [r["version"] for r in status["refused"]] == ["2"]
-        assert follower.poll().outcome == UNCHANGED and follower.load_failures == 1
+    assert len(status["refused"]) == 1  # remembered: not verified or counted again while the alias stays there
+    assert follower.poll().outcome == UNCHANGED and follower.load_failures == 1
 
-    later = ModelFollower(f"{models}/demo@production", load)  # a replica started after the failure
-    for _ in range(2):
-        assert later.poll().is_failure and later.current is None
-    assert load.loaded == ["1"], "a damaged version must never reach the loader"
+    # A replica started after the failure refuses version 2 too and serves what the alias pointed at before, as
+    # the replicas that were running do
+    later = ModelFollower(f"{models}/demo@production", load)
+    assert later.poll().outcome == LOADED and live_version(later) == "1"
+    assert later.load_failures == 1 and registry.version_uri(models, "demo", 2) in (later.last_error or "")
+    assert later.status()["model_reference"] == f"{models}/demo@production"
+    assert later.poll().outcome == UNCHANGED and live_version(later) == "1" and later.load_failures == 1
+    assert load.loaded == ["1", "1"], "a damaged version must never reach the loader"
 
     registry.rollback(models, "demo", "production")
-    assert later.poll().outcome == LOADED and live_version(later) == "1"
+    assert later.poll().outcome == UNCHANGED and live_version(later) == "1" and later.last_error is None
+
+
+def test_a_later_follower_with_only_damaged_versions_serves_nothing(models: str,
+                                                                    checkpoints: dict[str, Path]) -> None:
+    registry.publish(checkpoints["a"], models, "demo")
+    registry.promote(models, "demo", 1, "production")
+    damage_version(registry.version_uri(models, "demo", 1), "bad hash")
+    load = Loader()
+    follower = ModelFollower(f"{models}/demo@production", load)
+    assert follower.poll().outcome == REFUSED and follower.current is None and follower.load_failures == 1
+    assert follower.poll().outcome == UNCHANGED and follower.load_failures == 1  # not tried, not counted again
+    assert follower.current is None and load.loaded == [] and follower.status()["ready"] is False
 
 
 def test_a_checkpoint_republished_in_place_is_reloaded(tmp_path: Path, checkpoints: dict[str, Path]) -> None:

@@ -161,6 +161,7 @@ class TaxonetClassifier:
         if follower is not None:
             info.update(follower.status())
         info["ready"] = self._predictor is not None
+        info["replica"] = serve.get_replica_context().replica_id.unique_id
         config = self._config
         info["max_batch_size"] = config.max_batch_size if config else None
         info["batch_wait_timeout_s"] = config.batch_wait_timeout_s if config else None

@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from taxonet.checkpoint import verify_checkpoint
-from taxonet.errors import StorageError
-from taxonet.registry import NotPublishedError, ResolvedModel, parse_reference, resolve
+from taxonet.errors import CheckpointError, StorageError
+from taxonet.registry import NotPublishedError, ResolvedModel, model_uri, parse_reference, read_alias, resolve
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")  # the loaded model (a Predictor in serving; anything in tests)
 
+#: previous alias targets a replica without a model tries in one poll when the alias's target is refused
+HISTORY_TRIES = 3
 #: what a poll did
 UNCHANGED, LOADED, REFUSED, WAITING, FAILED = "unchanged", "loaded", "refused", "waiting", "failed"
 
@@ -66,9 +68,10 @@ class Refusal:
 
 @dataclass(frozen=True)
 class PollResult(Generic[M]):
-    """One poll's outcome: ``LOADED`` (``served`` is the new model: swap it in), ``UNCHANGED``, ``WAITING``
-    (nothing published), ``REFUSED`` (a new target failed verification or loading: a load failure) or ``FAILED``
-    (the reference could not be read: storage down, a corrupt alias; retried next poll)."""
+    """One poll's outcome: ``LOADED`` (``served`` is the new model: swap it in), ``UNCHANGED`` (also: the target
+    is one refused before), ``WAITING`` (nothing published), ``REFUSED`` (a new target failed verification or
+    loading: a load failure) or ``FAILED`` (the reference could not be read or a file not fetched: storage down, a
+    corrupt alias; retried next poll, a failure each time)."""
 
     outcome: str
     served: Served[M] | None = None
@@ -115,59 +118,96 @@ class ModelFollower(Generic[M]):
         self.reference = reference
 
     def poll(self) -> PollResult[M]:
-        """Resolve the reference; load what it points at if that is new, verified and not refused before."""
+        """Resolve the reference; load what it points at if that is new, verified and not refused before.
+
+        While nothing is loaded and the reference yields nothing loadable, the alias's previous targets (newest
+        first; what replicas that were running when it moved still serve) and then ``fallback`` are tried.
+        """
         self.last_poll_at = time.time()
         result = self._try(self.reference)
-        if result.outcome in (WAITING, REFUSED, FAILED) and self.current is None and self.fallback \
-                and self.fallback != self.reference:
-            fallback = self._try(self.fallback)
+        if result.outcome == LOADED or self.current is not None:
+            return result
+        for candidate in self._fallbacks():
+            fallback = self._try(candidate, quiet=True)
             if fallback.outcome == LOADED:
                 assert fallback.served is not None
-                log.warning("taxonet: %s yields no loadable model (%s); serving the fallback %s, version %s",
-                            self.reference, result.message, self.fallback, fallback.served.resolved.version)
+                log.warning("taxonet: %s yields no loadable model (%s); serving %s (version %s) meanwhile",
+                            self.reference, result.message, candidate, fallback.served.resolved.version)
                 # still a failed attempt at the followed reference: say so until that one loads
-                self.last_error = f"{result.message}; serving the fallback {self.fallback} meanwhile"
+                self.last_error = f"{result.message}; serving {candidate} meanwhile"
                 self.last_error_at = time.time()
                 return PollResult(LOADED, fallback.served, result.message)
         return result
 
-    def _try(self, reference: str) -> PollResult[M]:
+    def _fallbacks(self) -> list[str]:
+        """Previous targets of a followed alias (newest first, at most :data:`HISTORY_TRIES`), then ``fallback``."""
+        out = []
+        ref = parse_reference(self.reference)
+        if ref.is_registry and ref.alias is not None:
+            try:
+                record = read_alias(ref.models, ref.name, ref.alias)
+            except Exception as exc:  # the alias itself unreadable: nothing to walk back through
+                log.debug("alias history of %s unreadable: %s", self.reference, exc)
+                record = None
+            if record is not None:
+                previous = [int(h["version"]) for h in reversed(record.history) if h["version"] != record.version]
+                out += [f"{model_uri(ref.models, ref.name)}@{v}" for v in dict.fromkeys(previous)][:HISTORY_TRIES]
+        if self.fallback and self.fallback != self.reference:
+            out.append(self.fallback)
+        return out
+
+    def _try(self, reference: str, quiet: bool = False) -> PollResult[M]:
         try:
             resolved = resolve(reference)
         except NotPublishedError as exc:
-            return self._problem(WAITING, str(exc))
+            return self._problem(WAITING, str(exc), quiet=quiet)
+        except CheckpointError as exc:  # a corrupt alias or manifest: refused until it changes
+            key = f"unresolvable:{reference}:{exc}"
+            if key in self.refused:
+                return PollResult(UNCHANGED, message=self.refused[key].error)
+            self.load_failures += not quiet
+            message = f"refused {reference}: {exc}"
+            self.refused[key] = Refusal(reference, reference, "", key, message, time.time())
+            return self._problem(REFUSED, message, log_level=logging.ERROR, quiet=quiet)
         except Exception as exc:  # storage unreachable, corrupt alias or manifest: retried next poll
-            self.load_failures += 1
-            return self._problem(FAILED, f"could not resolve {reference}: {exc}", log_level=logging.ERROR)
+            self.load_failures += not quiet
+            return self._problem(FAILED, f"could not resolve {reference}: {exc}", log_level=logging.ERROR,
+                                 quiet=quiet)
         if self.current is not None and resolved.fingerprint == self.current.resolved.fingerprint:
             if reference == self.reference:
                 self.last_error = self.last_error_at = None
             return PollResult(UNCHANGED)
         refusal = self.refused.get(resolved.fingerprint)
-        if refusal is not None:
-            return PollResult(REFUSED if self.current is None else UNCHANGED, message=refusal.error)
+        if refusal is not None:  # refused before: nothing new (not another failure)
+            return PollResult(UNCHANGED, message=refusal.error)
         try:
             # registry versions hold exactly their listed files; a run's own checkpoint may hold more (Ray Train)
             verify_checkpoint(resolved.uri, allow_extra_files=resolved.number is None)
             model = self.load(resolved)
         except (StorageError, OSError) as exc:  # the store, not the version: try again next poll
-            self.load_failures += 1
+            self.load_failures += not quiet
             return self._problem(FAILED, f"could not load {resolved.uri} (version {resolved.version}) of "
-                                         f"{reference}: {exc}", log_level=logging.ERROR)
+                                         f"{reference}: {exc}", log_level=logging.ERROR, quiet=quiet)
         except Exception as exc:  # verification or load failed: refuse this exact target
             self.load_failures += 1
             message = (f"refused {resolved.name} version {resolved.version} ({resolved.uri}) of {reference}: "
                        f"{type(exc).__name__}: {exc}")
             self.refused[resolved.fingerprint] = Refusal(reference, resolved.uri, resolved.version,
                                                          resolved.fingerprint, message, time.time())
-            return self._problem(REFUSED, message, log_level=logging.ERROR)
+            return self._problem(REFUSED, message, log_level=logging.ERROR, quiet=quiet)
         self.current = Served(resolved, model, time.time())
         self.last_error = self.last_error_at = None
         log.info("taxonet: loaded %s version %s from %s (%s)", resolved.name, resolved.version, resolved.uri,
                  reference)
         return PollResult(LOADED, self.current)
 
-    def _problem(self, outcome: str, message: str, log_level: int = logging.INFO) -> PollResult[M]:
+    def _problem(self, outcome: str, message: str, log_level: int = logging.INFO,
+                 quiet: bool = False) -> PollResult[M]:
+        """A poll that loaded nothing; ``quiet`` for a fallback candidate (the followed reference's problem is the
+        one reported)."""
+        if quiet:
+            log.info("taxonet: fallback %s", message)
+            return PollResult(outcome, message=message)
         if self.current is not None:
             message = f"{message}; still serving version {self.current.resolved.version}"
         if message != self.last_error:  # once per new problem, not every poll
