@@ -85,7 +85,7 @@ def test_serving_started_before_any_model_answers_503_then_serves_the_promoted_v
     replicas = {d: replica_names(app, d) for d in ("TaxonetIngress", "TaxonetClassifier")}
     with httpx.Client(base_url=serve_http + prefix, timeout=30) as client:
         assert client.get("/healthz").status_code == 200
-        for response in (client.get("/readyz"), classify(client, jpeg)):
+        for response in (client.get("/readyz"), classify(client, jpeg), client.get("/v1/taxonomy")):
             assert response.status_code == 503, response.text
             assert response.headers["retry-after"] == "1"
             error = response.json()["error"]

@@ -51,6 +51,8 @@ PART_TYPES = set(RAW_TYPES) | {"application/octet-stream", ""}
 ROUTES = ("/v1/classify", "/v1/taxonomy", "/v1/model", "/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect",
           "/redoc")
 STALE = "stale_transform"
+#: how long a new classifier replica whose reference was refused waits for a running one to say what it serves
+PEER_TIMEOUT_S = 10.0
 
 
 # ---------------------------------------------------------------------------------------------------- model side
@@ -107,13 +109,31 @@ class TaxonetClassifier:
                 fallback = self._defaults.get("model")
                 self._follower = ModelFollower(config.model, self._load,
                                                fallback=fallback if fallback != config.model else None)
+                await self._poll()
+                if self._predictor is None and self._follower.refused:
+                    # a new replica (scale-up, restart) whose recorded reference was refused: serve what the running
+                    # replicas serve, if they answer, rather than the application's args
+                    peer = await self._peer_model()
+                    if peer is not None:
+                        self._follower.fallback = peer
+                        await self._poll()
             elif self._follower.reference != config.model:
                 self._follower.follow(config.model)
-            else:
-                return
-            await self._poll()
+                await self._poll()
         if self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def _peer_model(self) -> str | None:
+        """The checkpoint another running replica of this deployment serves (None if none answers in time)."""
+        context = serve.get_replica_context()
+        try:
+            handle = serve.get_deployment_handle(context.deployment, context.app_name)
+            info = await asyncio.wait_for(handle.describe.remote(), timeout=PEER_TIMEOUT_S)
+        except Exception as exc:  # no running peer (a fresh deploy), or it is busy: the args are the fallback
+            log.info("taxonet: no running replica told its model (%r)", exc)
+            return None
+        live = info.get("live") or {}
+        return live.get("uri")
 
     def _load(self, resolved: ResolvedModel) -> Predictor:
         config = self._config
