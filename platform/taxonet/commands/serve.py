@@ -1,6 +1,7 @@
 """CLI verbs for serving: ``serve`` (the HTTP API on Ray Serve, until Ctrl-C) and ``classify`` (images → answers).
 
-``taxonet serve --model REF`` (a checkpoint URI or ``MODELS/NAME@ALIAS``, followed while serving) starts an embedded local Ray (or joins ``--address`` / $RAY_ADDRESS), deploys
+``taxonet serve --model REF`` (a checkpoint URI or ``MODELS/NAME@ALIAS``, followed while serving) starts an embedded
+local Ray (or joins ``--address`` / $RAY_ADDRESS), deploys
 ``taxonet.serve.app:app_builder`` and blocks; Ctrl-C or SIGTERM removes the application (and stops the embedded Ray).
 ``taxonet classify TARGET IMAGES...`` answers with the in-process predictor when TARGET is a checkpoint, or POSTs the
 images to a running server when TARGET is an http(s) URL; it prints one JSON object per image.

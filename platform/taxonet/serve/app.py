@@ -48,7 +48,8 @@ log = logging.getLogger("ray.serve")
 RAW_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 #: content types accepted on a multipart file part; octet-stream/absent leave the decision to the image's bytes
 PART_TYPES = set(RAW_TYPES) | {"application/octet-stream", ""}
-ROUTES = ("/v1/classify", "/v1/taxonomy", "/v1/model", "/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect",
+ROUTES = ("/v1/classify", "/v1/taxonomy", "/v1/model", "/healthz", "/readyz", "/docs", "/openapi.json",
+          "/docs/oauth2-redirect",
           "/redoc")
 STALE = "stale_transform"
 #: how long a new classifier replica whose reference was refused waits for a running one to say what it serves

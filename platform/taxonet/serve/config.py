@@ -175,7 +175,8 @@ class ServeArgs(BaseModel):
         return self
 
     def classifier_config(self) -> ClassifierConfig:
-        return ClassifierConfig(model=self.model, model_poll_s=self.model_poll_s, top_k=self.top_k, max_batch_size=self.max_batch_size,
+        return ClassifierConfig(model=self.model, model_poll_s=self.model_poll_s, top_k=self.top_k,
+                                max_batch_size=self.max_batch_size,
                                 batch_wait_timeout_s=self.batch_wait_timeout_s, max_image_pixels=self.max_image_pixels)
 
     def ingress_settings(self) -> "IngressSettings":
