@@ -74,6 +74,11 @@ def test_model_is_a_reference_or_a_checkpoint_exactly_once_and_polled() -> None:
     assert ServeArgs.model_validate({"checkpoint": "runs/x/best"}).model == "runs/x/best"
     with pytest.raises(ValidationError, match="not both"):
         ServeArgs.model_validate({"model": "a@production", "checkpoint": "runs/x/best"})
+    for bad in ("gs://bucket/models/demo@production", "s3://b/models/demo@-bad"):
+        with pytest.raises(ValidationError, match="model"):
+            ServeArgs.model_validate({"model": bad})
+        with pytest.raises(ValidationError, match="model"):
+            ClassifierConfig.layered({"model": "x"}, {"model": bad})
     with pytest.raises(ValidationError, match="model_poll_s"):
         ServeArgs.model_validate({"model": "x", "model_poll_s": 0})
     fast = ServeArgs.model_validate({"model": "x", "model_poll_s": 2.5})

@@ -13,6 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from taxonet.data.transforms import DEFAULT_MAX_PIXELS
+from taxonet.errors import CheckpointError, StorageError
+from taxonet.registry import parse_reference
 
 #: environment variable read (in the ingress replica) when ``api_token`` is not given
 TOKEN_ENV = "TAXONET_API_TOKEN"
@@ -20,6 +22,15 @@ MIB = 1024 * 1024
 #: seconds between two polls of the model reference by each classifier replica (and the Retry-After of a 503
 #: while no model is loaded)
 MODEL_POLL_S = 30.0
+
+
+def _check_reference(value: str) -> str:
+    """A checkpoint URI or a registry reference, checked for form (a ``gs://`` URI or a bad alias fails here)."""
+    try:
+        parse_reference(value)
+    except (CheckpointError, StorageError) as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
 
 def _model_or_checkpoint(data: Any) -> Any:
@@ -107,6 +118,7 @@ class ClassifierConfig(BaseModel):
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
     _accept_checkpoint = model_validator(mode="before")(_model_or_checkpoint)
+    _check_model = field_validator("model")(_check_reference)
 
     @classmethod
     def layered(cls, defaults: dict[str, Any], user_config: dict[str, Any] | None) -> "ClassifierConfig":
@@ -153,6 +165,7 @@ class ServeArgs(BaseModel):
     classifier: DeploymentArgs = Field(default_factory=_default_classifier)
 
     _accept_checkpoint = model_validator(mode="before")(_model_or_checkpoint)
+    _check_model = field_validator("model")(_check_reference)
 
     @property
     def checkpoint(self) -> str:
