@@ -107,17 +107,14 @@ class TaxonetClassifier:
                 self._predictor.top_k = config.top_k
                 self._predictor.preprocessor.max_pixels = config.max_image_pixels
             if self._follower is None:
-                fallback = self._defaults.get("model")
-                self._follower = ModelFollower(config.model, self._load,
-                                               fallback=fallback if fallback != config.model else None)
+                self._follower = ModelFollower(config.model, self._load)
                 await self._poll()
-                if self._predictor is None and self._follower.refused:
-                    # a new replica (scale-up, restart) whose recorded reference was refused: serve what the running
-                    # replicas serve, if they answer, rather than the application's args
-                    peer = await self._peer_model()
-                    if peer is not None:
-                        self._follower.fallback = peer
-                        await self._poll()
+                args_model = self._defaults.get("model")
+                if self._predictor is None and self._follower.refused and args_model != config.model:
+                    # a new replica (scale-up, restart) whose recorded user_config reference was refused: serve what
+                    # the running replicas serve if one answers, else the application's own reference (args)
+                    self._follower.fallback = await self._peer_model() or args_model
+                    await self._poll()
             elif self._follower.reference != config.model:
                 self._follower.follow(config.model)
                 await self._poll()
