@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from taxonet import registry, storage
-from taxonet.predictor import Predictor
+from taxonet.serve.predictor import Predictor
 from tests.checkpoint_support import damage_version, tiny_checkpoint
 
 from .helpers import SMALL, deploy, encode, replica_names, wait_for
@@ -50,8 +50,9 @@ def cleanup() -> Iterator[Callable[[str], None]]:
 
 
 def app_args(reference: str, classifier: dict[str, Any] | None = None) -> dict[str, Any]:
+    # 16 clients at once: the ingress admits them all (its default admits 8 and answers 503 beyond)
     return {"model": reference, "model_poll_s": POLL_S, "max_batch_size": 4, "batch_wait_timeout_s": 0.005,
-            "ingress": SMALL, "classifier": {**SMALL, **(classifier or {})}}
+            "max_concurrent_requests": 16, "ingress": SMALL, "classifier": {**SMALL, **(classifier or {})}}
 
 
 def classify(client: httpx.Client, image: bytes) -> httpx.Response:
@@ -157,9 +158,9 @@ def expected_scores(uri: str, images: list[bytes]) -> np.ndarray:
     import torch
 
     predictor = Predictor.from_checkpoint(uri, "cpu")
-    batch = torch.stack([predictor.preprocessor.decode_uint8(data) for data in images])
+    batch = torch.stack([predictor.preprocessor.decode(predictor.preprocessor.open(data)) for data in images])
     answers = predictor.predict_tensors(batch)
-    return np.array([[answer["ranks"][rank]["score"] for rank in predictor.taxonomy.ranks] for answer in answers])
+    return np.array([[answer.ranks[rank].score for rank in predictor.taxonomy.ranks] for answer in answers])
 
 
 def test_an_alias_moved_under_16_clients_fails_no_request_and_mixes_no_versions(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from importlib import resources
 from typing import Any
 
@@ -54,11 +53,11 @@ def test_classifier_user_config_is_partial_over_the_args_and_strict() -> None:
                                                                                           "num_replicas": 2}})
     base = args.classifier_config().model_dump()
     assert base == {"model": "s3://b/one", "model_poll_s": MODEL_POLL_S, "top_k": 5, "max_batch_size": 32,
-                    "batch_wait_timeout_s": 0.01, "max_image_pixels": 40_000_000}
+                    "batch_wait_timeout_s": 0.01, "label_series_per_rank": 20}
     # a user_config may name the new model under either name; it replaces the args' reference
     for key in ("checkpoint", "model"):
         merged = ClassifierConfig.layered(base, {key: "s3://b/two"})
-        assert merged.model == "s3://b/two" and merged.top_k == 5
+        assert merged.model == merged.checkpoint == "s3://b/two" and merged.top_k == 5
     assert ClassifierConfig.layered(base, {"top_k": 1}).model == "s3://b/one"
     with pytest.raises(ValidationError):
         ClassifierConfig.layered(base, {"chekpoint": "s3://b/two"})
@@ -69,30 +68,38 @@ def test_classifier_user_config_is_partial_over_the_args_and_strict() -> None:
 
 def test_model_is_a_reference_or_a_checkpoint_exactly_once_and_polled() -> None:
     args = ServeArgs.model_validate({"model": "s3://b/models/demo@production"})
-    assert args.model == args.checkpoint == "s3://b/models/demo@production"
-    assert args.model_poll_s == MODEL_POLL_S and args.ingress_settings().retry_after_s == math.ceil(MODEL_POLL_S)
+    assert args.model == args.checkpoint == "s3://b/models/demo@production" and args.model_poll_s == MODEL_POLL_S
     assert ServeArgs.model_validate({"checkpoint": "runs/x/best"}).model == "runs/x/best"
     with pytest.raises(ValidationError, match="not both"):
         ServeArgs.model_validate({"model": "a@production", "checkpoint": "runs/x/best"})
+    with pytest.raises(ValidationError, match="model_poll_s"):
+        ServeArgs.model_validate({"model": "x", "model_poll_s": 0})
     for bad in ("gs://bucket/models/demo@production", "s3://b/models/demo@-bad"):
         with pytest.raises(ValidationError, match="model"):
             ServeArgs.model_validate({"model": bad})
         with pytest.raises(ValidationError, match="model"):
             ClassifierConfig.layered({"model": "x"}, {"model": bad})
-    with pytest.raises(ValidationError, match="model_poll_s"):
-        ServeArgs.model_validate({"model": "x", "model_poll_s": 0})
-    fast = ServeArgs.model_validate({"model": "x", "model_poll_s": 2.5})
-    assert fast.classifier_config().model_poll_s == 2.5 and fast.ingress_settings().retry_after_s == 3
+    assert ServeArgs.model_validate({"model": "x", "model_poll_s": 2.5}).classifier_config().model_poll_s == 2.5
 
 
-def test_token_comes_from_args_or_the_replica_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TAXONET_API_TOKEN", raising=False)
-    assert IngressSettings().token() is None
-    monkeypatch.setenv("TAXONET_API_TOKEN", "from-env")
-    assert IngressSettings().token() == "from-env"
-    settings = ServeArgs.model_validate({"checkpoint": "x", "api_token": "explicit"}).ingress_settings()
-    assert settings.token() == "explicit"
-    assert "explicit" not in repr(settings)  # the secret is not printed in logs or `serve status`
+def test_api_token_in_the_args_is_refused_with_where_to_put_it() -> None:
+    with pytest.raises(ValidationError, match="TAXONET_API_TOKEN_FILE") as info:
+        ServeArgs.model_validate({"checkpoint": "x", "api_token": "secret"})
+    assert "plain text" in str(info.value) and "TAXONET_API_TOKEN" in str(info.value)
+    with pytest.raises(ValidationError, match="plain text"):  # nor smuggled into a replica's environment
+        ServeArgs.model_validate({"checkpoint": "x", "ingress": {"env_vars": {"TAXONET_API_TOKEN": "secret"}}})
+    args = ServeArgs.model_validate({"checkpoint": "x", "ingress": {"env_vars": {"TAXONET_API_TOKEN_FILE": "/t"}}})
+    assert args.ingress.options()["ray_actor_options"]["runtime_env"] == {"env_vars": {"TAXONET_API_TOKEN_FILE": "/t"}}
+
+
+def test_args_are_the_classifier_and_ingress_settings_each_default_once() -> None:
+    args = ServeArgs.model_validate({"checkpoint": "x", "max_files": 3, "top_k": 4})
+    assert args.classifier_config() == ClassifierConfig(checkpoint="x", top_k=4)
+    assert args.ingress_settings() == IngressSettings(max_files=3)
+    with pytest.raises(ValidationError, match="decode_pixel_budget"):  # an image at the limit could never decode
+        ServeArgs.model_validate({"checkpoint": "x", "max_image_pixels": 100, "decode_pixel_budget": 99})
+    with pytest.raises(ValidationError, match="max_concurrent_requests"):
+        ServeArgs.model_validate({"checkpoint": "x", "max_concurrent_requests": 100})
 
 
 def test_access_log_is_per_deployment_and_the_graph_is_on_by_default() -> None:
