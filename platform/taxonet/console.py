@@ -9,7 +9,7 @@ logs, core-worker warnings) to the driver's stdout/stderr. While :func:`route_ou
   goes to the terminal, what Ray's log-forwarding threads print goes to the log file, except the per-epoch progress
   line of training (worker 0's ``taxonet train: epoch E/N ...``), shown without Ray's prefix and with an ETA;
 * on leaving (also by an exception) everything is restored first, so an error and its traceback reach the
-  terminal in full.
+  terminal in full. Ray Train's decisions on a worker failure (``[FailurePolicy] RETRY ...``) stay on the terminal.
 
 ``verbosity``: −1 quiet (no progress lines), 0 normal, 1 verbose (nothing routed: every line on the terminal).
 """
@@ -33,6 +33,8 @@ from typing import TextIO
 #: worker 0's per-epoch line (taxonet.train.worker.ReportToRayTrain), possibly behind Ray's "(Actor pid=..) " prefix
 PROGRESS = re.compile(r"(taxonet train: epoch (\d+)/(\d+).*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: Ray lines kept on the terminal as they are: Ray Train's decisions on a worker failure (retry or give up)
+KEEP = re.compile(r"\[FailurePolicy\]")
 
 
 class EpochClock:
@@ -92,10 +94,14 @@ class _Router(io.TextIOBase):
 
     def _line(self, line: str) -> None:
         self.log.write(line + "\n")
-        match = PROGRESS.search(_ANSI.sub("", line))
+        plain = _ANSI.sub("", line)
+        match = PROGRESS.search(plain)
         if match and self.progress:
             epoch, total = int(match.group(2)), int(match.group(3))
             self.terminal.write(f"  {match.group(1)}  [{self.clock.eta(epoch, total)}]\n")
+            self.terminal.flush()
+        elif KEEP.search(plain):
+            self.terminal.write(plain + "\n")
             self.terminal.flush()
 
     def flush(self) -> None:

@@ -33,6 +33,7 @@ def test_ray_lines_go_to_the_log_and_taxonet_lines_to_the_terminal(tmp_path: Pat
             print("\\x1b[36m(RayTrainWorker pid=7)\\x1b[0m Reporting training result 1: TrainingReport(metrics={})")
             print("(RayTrainWorker pid=7) taxonet train: epoch 1/4 loss 1.0, val_loss 1.0")
             print("(SplitCoordinator pid=8) Execution plan of Dataset train", file=sys.stderr)
+            print("(TrainController pid=9) [FailurePolicy] RETRY Worker group resize", file=sys.stderr)
         with route_output(log_path, 0):
             print("[1/6] a stage header")
             thread = threading.Thread(target=ray_thread)
@@ -46,6 +47,7 @@ def test_ray_lines_go_to_the_log_and_taxonet_lines_to_the_terminal(tmp_path: Pat
     terminal = result.stdout + result.stderr
     assert "[1/6] a stage header" in terminal and "the summary" in terminal and "after" in terminal
     assert "taxonet train: epoch 1/4 loss 1.0, val_loss 1.0" in terminal and "ETA" in terminal
+    assert "(TrainController pid=9) [FailurePolicy] RETRY Worker group resize" in result.stderr
     for noise in ("TrainingReport", "SplitCoordinator", "core_worker.cc", "a Ray logger line", "pid=7"):
         assert noise not in terminal
     log = (tmp_path / "ray.log").read_text()
