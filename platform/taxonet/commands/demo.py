@@ -40,7 +40,7 @@ class DemoData:
     image_size: int = 40
     #: bycatch: insects of a known family that are none of its species, labelled down to the family only
     bycatch_species_per_family: int = 4
-    bycatch_images_per_family: int = 8
+    bycatch_images_per_family: int = 120
     #: one unseen species per family, this many images each (never in training; a second dataset)
     unseen_images: int = 30
     seed: int = 0
@@ -120,13 +120,15 @@ def prepare_demo(out: Path, base: str, taxonomy: Any, unseen: list[tuple[str, ..
 
 def demo_config(dataset: str, runs: str, image_size: int, *, seed: int = 0, paper_loss: bool = False,
                 epochs: int | None = None, sets: list[str] | None = None, run_name: str = "demo") -> Any:
-    """The ``demo`` config pointed at the demo's data (``--paper-loss``: loss.outlier_weight = 0)."""
+    """The ``demo`` config pointed at the demo's data (``--paper-loss``: the paper's loss, dependency "paper" and
+    loss.outlier_weight = 0)."""
     from taxonet.config import load_config
 
     overrides: dict[str, Any] = {"data.dataset": dataset, "train.storage": runs, "data.input_size": image_size,
                                  "train.seed": seed, "train.run_name": run_name}
-    if paper_loss:
+    if paper_loss:  # the paper's loss: its argmax dependency term, no outlier exposure
         overrides["loss.outlier_weight"] = 0.0
+        overrides["loss.dependency"] = "paper"
     if epochs:
         overrides["optim.epochs"] = epochs
     return load_config("demo", overrides).with_overrides(sets or [])
