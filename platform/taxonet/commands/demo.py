@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 #: what --paper-loss should show (tests/bench/demo_recipe.py --paper-loss, docs/evaluation.md "The demo")
-PAPER_LOSS_EXPECTATION = ("the paper's loss alone (no outlier exposure): known species are still learnt, but most "
-                          "images of unseen species come out 'reliable at species' with a wrong species")
+PAPER_LOSS_EXPECTATION = ("with the paper's loss alone the known species are learnt (species F1 0.838 ± 0.052 over "
+                          "3 seeds), but only 0.167 ± 0.055 of the unseen species' images come out unsure at species "
+                          "and 0.111 ± 0.046 at a correct higher rank: most are answered at species, with a wrong "
+                          "species")
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,7 @@ def _demo(args: argparse.Namespace) -> int:
                 f"the paper's loss + outlier exposure (weight {config.loss.outlier_weight:g})")
         step(f"Training with Ray Train on 2 local CPU workers: {config.optim.epochs} epochs, {loss}")
         if args.paper_loss:
-            print(f"  expect {PAPER_LOSS_EXPECTATION}")
+            print(f"  what to expect (measured by tests/bench/demo_recipe.py --paper-loss): {PAPER_LOSS_EXPECTATION}")
         raycluster.init(num_cpus=2)
         from taxonet.train.driver import run_training
 
