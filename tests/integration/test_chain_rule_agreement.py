@@ -28,7 +28,7 @@ from taxonet.data.prepare import PrepareOptions, prepare_dataset
 from taxonet.data.synthetic import SyntheticInsects, write_image_folder
 from taxonet.evaluate.report import UNSURE
 from taxonet.evaluate.run import run_evaluation
-from taxonet.predictor import Predictor
+from taxonet.serve.predictor import Predictor
 from taxonet.taxonomy import Taxonomy
 from tests.checkpoint_support import tiny_checkpoint
 from tests.conftest import free_port
@@ -88,6 +88,11 @@ def serve_url(ray_local: None) -> Iterator[str]:
         serve.shutdown()
 
 
+def _answers(predictor: Predictor, images: list[bytes]) -> list[dict]:
+    """The in-process answers as the JSON the API sends."""
+    return [answer.to_dict() for answer in predictor.predict_bytes(images)]
+
+
 def _post(url: str, image: bytes) -> dict:
     request = urllib.request.Request(url, data=image, headers={"Content-Type": "image/jpeg"})
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -97,8 +102,8 @@ def _post(url: str, image: bytes) -> dict:
 
 def test_rules_differ_on_these_images(dataset: str, checkpoints: dict[str, Path]) -> None:
     images = _test_images(dataset)
-    strict = Predictor.from_checkpoint(str(checkpoints["strict"]), device="cpu").predict_bytes(images)
-    lenient = Predictor.from_checkpoint(str(checkpoints["lenient"]), device="cpu").predict_bytes(images)
+    strict = _answers(Predictor.from_checkpoint(str(checkpoints["strict"]), device="cpu"), images)
+    lenient = _answers(Predictor.from_checkpoint(str(checkpoints["lenient"]), device="cpu"), images)
     broken = [a for a in strict if not a["consistent"]]
     assert len(broken) >= 5, "the untrained model should break the taxonomy on several images"
     assert all(a["lowest_reliable_rank"] is None for a in broken)
@@ -117,7 +122,7 @@ def test_evaluate_predictor_and_http_agree(rule: str, dataset: str, checkpoints:
     images = _test_images(dataset)
     taxonomy = Taxonomy.demo()
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
-    in_process = predictor.predict_bytes(images)
+    in_process = _answers(predictor, images)
     serve.run(app_builder({"checkpoint": checkpoint, "device": "cpu", "ingress": {"num_cpus": 0.1},
                            "classifier": {"num_cpus": 0.1}}), name=f"agree-{rule}", route_prefix=f"/{rule}")
     try:
