@@ -1,9 +1,9 @@
 """``taxonet demo``: what the method is for, end to end, in a few minutes on a laptop's CPU.
 
 synthetic insect photos (folder tree, with family-level "bycatch") → ``prepare`` → Ray Train (2 local CPU workers,
-the per-rank cross-entropies, the soft dependency term and outlier exposure) → ``evaluate`` (known species, and species never seen in training) → Ray
-Serve on 127.0.0.1 → classify a few images over HTTP → a final table per unseen species: how often the answer is
-"unsure at species, reliable at a correct family or order". Local storage by default; ``--s3`` runs the same against
+the per-rank cross-entropies, the soft dependency term and outlier exposure) → ``evaluate`` (known species, and
+species never seen in training) → Ray Serve on 127.0.0.1 → classify a few images over HTTP → a final table per
+unseen species: how often the answer is "unsure at species, reliable at a correct family or order". Local storage by default; ``--s3`` runs the same against
 an S3 server (moto's, on 127.0.0.1). ``--paper-loss`` trains with the paper's loss alone, for comparison.
 
 The recipe (tree, image counts, config ``demo``) is measured over seeds by ``tests/bench/demo_recipe.py``; its
