@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                   " ".join(f"{key}={value:.3f}" for key, value in row.items()), flush=True)
         assert config is not None
         print(f"\ndemo recipe: {taxonomy.describe()}, {data.per_species} images/species, {data.image_size} px, "
-              f"bycatch {data.bycatch_images_per_family} images/family, outlier_weight "
-              f"{config.loss.outlier_weight:g}, lr {config.optim.lr:g}, {config.optim.epochs} epochs, "
+              f"bycatch {data.bycatch_images_per_family} images/family, dependency {config.loss.dependency}, "
+              f"outlier_weight {config.loss.outlier_weight:g}, lr {config.optim.lr:g}, {config.optim.epochs} epochs, "
               f"seeds {args.first_seed}..{args.first_seed + args.seeds - 1}")
         for key, label in FIGURES:
             print(f"  {label}: {summary([row[key] for row in rows])}")
