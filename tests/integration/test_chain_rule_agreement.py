@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -66,8 +67,8 @@ def _test_images(dataset: str) -> list[bytes]:
     info = DatasetInfo.load(dataset)
     images: list[bytes] = []
     for shard in info.shards_for("test"):
-        with storage.open_input(storage.join(dataset, shard.path)) as handle:
-            images += [bytes(v) for v in pq.read_table(handle, columns=["image"]).column("image").to_pylist()]
+        data = pa.BufferReader(storage.read_bytes(storage.join(dataset, shard.path)))
+        images += [bytes(v) for v in pq.read_table(data, columns=["image"]).column("image").to_pylist()]
     return images
 
 
