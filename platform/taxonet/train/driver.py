@@ -131,7 +131,7 @@ def run_training(config: RunConfig) -> TrainingResult:
                           resumed_from_epoch=start_epoch if start_epoch > 0 else None, published=published)
 
 
-def publish_best(config: RunConfig, checkpoint_uri: str, best_uri: str, history: list[Metrics]) -> int:
+def publish_best(config: RunConfig, source_uri: str, best_uri: str, history: list[Metrics]) -> int:
     """Complete the best epoch's checkpoint (:func:`taxonet.train.loop.complete_checkpoint`: thresholds fitted on the
     training split, the run's history) and publish it to ``best_uri``; returns the number of thresholds.
 
@@ -146,7 +146,7 @@ def publish_best(config: RunConfig, checkpoint_uri: str, best_uri: str, history:
                                shuffle=False)
     with tempfile.TemporaryDirectory(prefix="taxonet-best-") as tmp:
         # a new directory: a local Ray checkpoint keeps its resume state for a later rerun
-        source = materialize(checkpoint_uri, Path(tmp) / "download")
+        source = materialize(source_uri, Path(tmp) / "download")
         thresholds = complete_checkpoint(source, Path(tmp) / "best", (collate(batch) for batch in raw), device=device,
                                          history=history)
         publish_checkpoint(Path(tmp) / "best", best_uri)
