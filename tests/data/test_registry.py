@@ -316,7 +316,17 @@ def test_publish_run_publishes_and_promotes_from_the_config(models: str, checkpo
     assert published.to_dict() == {
         "model": storage.join(models, config.name), "name": config.name, "version": 1,
         "reference": f"{storage.join(models, config.name)}@1", "alias": "production",
-        "alias_reference": f"{storage.join(models, config.name)}@production"}
+        "alias_reference": f"{storage.join(models, config.name)}@production", "reused": False}
+    # the same files again (a retried job, a rerun of a finished run): version 1 is reused, and promoted again
+    again = registry.publish_run(str(checkpoints["a"]), config)
+    assert (again.version, again.reused, again.alias.version) == (1, True, 1)
+    assert registry.read_alias(models, config.name, "production").version == 1
+    # ... unless that version no longer verifies: then the checkpoint is published anew
+    damaged = storage.join(registry.version_uri(models, "bees", 1), "metrics.json")
+    storage.write_bytes(damaged, storage.read_bytes(damaged) + b" ")
+    fresh = registry.publish_run(str(checkpoints["b"]), named)
+    assert (fresh.version, fresh.reused) == (2, False)
+    assert [v.number for v in registry.list_versions(models, config.name)] == [1, 2]
     # a checkpoint that does not verify is not published; the message says how to retry by hand
     half = tmp_path / "half"
     half.mkdir()

@@ -212,7 +212,8 @@ def test_train_publishes_each_run_to_the_registry_and_refuses_bad_resumes(ray_lo
     first = _summary(capsys.readouterr().out)
     model = f"{models}/bees"
     assert first["published"] == {"model": model, "name": "bees", "version": 1, "reference": f"{model}@1",
-                                  "alias": "production", "alias_reference": f"{model}@production"}
+                                  "alias": "production", "alias_reference": f"{model}@production",
+                                  "reused": False}
     best = load_checkpoint(first["best_checkpoint"], strict=True)
     assert first["best_checkpoint"] == f"{runs}/pub-a/best" and best.thresholds is not None
     resolved = registry.resolve(f"{model}@production")
