@@ -14,7 +14,7 @@ import sys
 from taxonet import __version__
 
 #: modules under taxonet.commands that add verbs, in help order
-COMMAND_MODULES = ("datasets", "training", "serve", "demo", "models")
+COMMAND_MODULES = ("datasets", "training", "serve", "demo", "models", "review")
 
 
 def build_parser() -> argparse.ArgumentParser:
