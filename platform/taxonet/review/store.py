@@ -199,7 +199,7 @@ class ReviewStore:
             with_vectors = [item for item in self._items.values() if item.embedding]
             size = _common_size([len(item.embedding) for item in with_vectors])
             ids = [item.crop_id for item in with_vectors if len(item.embedding) == size]
-            matrix = np.array([self._items[c].embedding for c in ids], dtype=np.float32).reshape(len(ids), -1)
+            matrix = np.array([self._items[c].embedding for c in ids], dtype=np.float32).reshape(len(ids), size)
             norms = np.linalg.norm(matrix, axis=1, keepdims=True)
             self._embeddings = ids, matrix / np.where(norms > 0, norms, 1.0)
         return self._embeddings
