@@ -13,6 +13,11 @@ from contextlib import contextmanager
 
 import requests
 import uvicorn
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
 
 from taxonet.data.synthetic import SyntheticInsects
 from taxonet.review import records
@@ -98,3 +103,31 @@ def session(reviewer: str, token: str = TOKEN) -> requests.Session:
 
 def write_queue(queue: str, items: Sequence[QueueItem], batch_id: str = "20261201T090000000000-test") -> None:
     records.write_queue_batch(queue, items, batch_id=batch_id)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@contextmanager
+def chromium(width: int = 1366, height: int = 768) -> Iterator[webdriver.Chrome]:
+    """Debian's headless Chromium through its own chromedriver (Selenium Manager is never asked to download)."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 f"--window-size={width},{height}", "--force-device-scale-factor=1"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def log_in(driver: webdriver.Chrome, url: str, name: str, token: str = TOKEN) -> None:
+    driver.get(url + "/")
+    WebDriverWait(driver, 60).until(ec.visibility_of_element_located((By.ID, "login-name"))).send_keys(name)
+    driver.find_element(By.ID, "login-token").send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
+    WebDriverWait(driver, 60).until(ec.visibility_of_element_located((By.ID, "review")))

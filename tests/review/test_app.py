@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import requests
@@ -13,7 +17,7 @@ from taxonet.review import records
 from taxonet.review.app import tokens_from_env
 from taxonet.review.leases import Leases
 from tests.review import test_stats
-from tests.review.review_support import TOKEN, item, serving, session, write_queue
+from tests.review.review_support import TAXONOMY, TOKEN, free_port, item, serving, session, write_queue
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -84,7 +88,9 @@ def test_next_is_least_reliable_first_grouped_by_family_and_filters(tmp_path) ->
         assert _ids(ana.get(url + "/api/next", params={"family": "Apidae"})) == ["ord-api2", "ord-api", "sure"]
         assert _ids(ana.get(url + "/api/next", params={"source": "cam-2"})) == ["ord-api2", "ord-syr", "fam-vesp"]
         assert _ids(ana.get(url + "/api/next", params={"reason": "audit"})) == ["sure"]
-        assert _ids(ana.get(url + "/api/next", params={"rank": "order", "limit": 2})) == ["ord-api2", "ord-api"]
+        assert _ids(ana.get(url + "/api/next", params={"unsure_at": "family", "limit": 3})) == [
+            "none", "ord-api2", "ord-api"]
+        assert ana.get(url + "/api/next", params={"unsure_at": "genus"}).status_code == 400
         assert ana.get(url + "/api/next", params={"status": "maybe"}).status_code == 400
         assert ana.get(url + "/api/next", params={"limit": 0}).status_code == 400
         decided = ana.post(url + "/api/decisions", json={"crop_ids": ["ord-syr"], "kind": "reject"})
@@ -227,3 +233,38 @@ def test_stats_and_export_through_the_api(s3_root: str) -> None:
         as_json = ana.get(url + "/api/export", params={"format": "json", "history": "1"}).json()["labels"]
         assert len(as_json) == len(decisions)
         assert ana.get(url + "/api/export", params={"format": "xml"}).status_code == 400
+
+
+def test_cli_serves_the_page_with_the_token_from_a_file(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("TAXONET_API_TOKEN", None)
+    queue = str(tmp_path / "q")
+    write_queue(queue, _queue())
+    missing = subprocess.run([sys.executable, "-m", "taxonet.cli", "review", "serve", queue], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "--taxonomy FILE or --model" in missing.stderr
+    taxonomy = tmp_path / "taxonomy.json"
+    taxonomy.write_text(TAXONOMY.to_json())
+    (tmp_path / "token").write_text(f"old-token, {TOKEN}\n")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "taxonet.cli", "review", "serve", queue, "--taxonomy",
+                                str(taxonomy), "--port", str(port)],
+                               env={**env, "TAXONET_API_TOKEN_FILE": str(tmp_path / "token")},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                response = session("ana").get(url + "/api/me", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, "the review server did not start"
+                time.sleep(0.2)
+        assert response.status_code == 200 and response.json()["queued"] == 6
+        assert requests.get(url + "/api/me", headers={"X-Reviewer": "ana"}, timeout=5).status_code == 401
+        session("ana").post(url + "/api/decisions", json={"crop_ids": ["none"], "kind": "reject"}).raise_for_status()
+        assert [d.kind for d in records.read_decisions(str(tmp_path / "q" / "labels"))] == ["reject"]  # the default
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -6,7 +6,7 @@ Experts open the page, log in with the API token and their name, and label the c
     POST /api/login                 {"token", "name"}: checks both, sets them as HttpOnly SameSite=Strict cookies
     GET  /api/me                    reviewer, ranks, families and sources for the filters
     GET  /api/taxa?q=               type-ahead over every taxon of the taxonomy
-    GET  /api/next?status=&family=&source=&reason=&rank=&limit=
+    GET  /api/next?status=&family=&source=&reason=&unsure_at=&limit=
                                     the next crops, most useful first, leased to the caller
     GET  /api/crops/ID[/image|/similar]
     POST /api/decisions             {"crop_ids", "kind", "rank", "taxon", "parent", "provisional", "request_id"}
@@ -227,7 +227,7 @@ class ReviewApp:
         query = request.query_params
         return Filters(status=query.get("status") or "unreviewed", family=query.get("family") or None,
                        source=query.get("source") or None, reason=query.get("reason") or None,
-                       rank=query.get("rank") or None)
+                       unsure_at=query.get("unsure_at") or None)
 
     def _limit(self, request: Request, default: int) -> int:
         text = request.query_params.get("limit") or str(default)
@@ -422,7 +422,8 @@ class ReviewApp:
         if history:
             decisions = self.store.decisions()
         else:
-            decisions = [d for item in self.store.items() for _, d in sorted(self.store.labels_of(item.crop_id).items())]
+            decisions = [decision for item in self.store.items()
+                         for _, decision in sorted(self.store.labels_of(item.crop_id).items())]
         rows = []
         for decision in decisions:
             item = self.store.item(decision.crop_id)

@@ -33,8 +33,8 @@ class Filters:
     family: str | None = None
     source: str | None = None
     reason: str | None = None
-    #: the lowest reliable rank (the alert links with the rank whose unsure share rose)
-    rank: str | None = None
+    #: only crops whose answer is unreliable at this rank (the unsure-rate alert names a rank)
+    unsure_at: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -160,7 +160,13 @@ class ReviewStore:
             return False
         if filters.reason is not None and item.reason != filters.reason:
             return False
-        return filters.rank is None or (item.lowest_reliable_rank or "none") == filters.rank
+        if filters.unsure_at is None:
+            return True
+        ranks = self.taxonomy.ranks
+        if filters.unsure_at not in ranks:
+            raise records.RecordError(f"unsure_at {filters.unsure_at!r} must be one of {ranks}")
+        level = ranks.index(item.lowest_reliable_rank) if item.lowest_reliable_rank in ranks else -1
+        return level < ranks.index(filters.unsure_at)
 
     def usefulness_key(self, item: QueueItem) -> tuple:
         """Least reliable first (no reliable rank, then reliable only to the top rank, ...), grouped by predicted

@@ -80,8 +80,9 @@ function filterQuery() {
   for (const [key, id] of [["family", "f-family"], ["source", "f-source"], ["reason", "f-reason"]]) {
     if ($(id).value) query.set(key, $(id).value);
   }
-  const rank = new URLSearchParams(location.search).get("rank");
-  if (rank) query.set("rank", rank);
+  // the page's own address may narrow the queue: ?unsure_at=species (the unsure-rate alert's link)
+  const unsureAt = new URLSearchParams(location.search).get("unsure_at");
+  if (unsureAt) query.set("unsure_at", unsureAt);
   return query;
 }
 
@@ -188,7 +189,8 @@ function sharedRank(crops) {
 function renderSelection() {
   const chosen = state.crops.filter((c) => state.selected.has(c.crop_id));
   $("selection-note").textContent = chosen.length ?
-    `${chosen.length} selected — “accept” labels them as deep as their answers agree: ${sharedRank(chosen) || "none"}` :
+    `${chosen.length} selected — “accept” labels them as deep as their answers agree: ` +
+      (sharedRank(chosen) || "none") :
     "";
 }
 
