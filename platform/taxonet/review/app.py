@@ -28,7 +28,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,7 +294,7 @@ class ReviewApp:
                 views.append(view)
         return JSONResponse({"crops": views, "filters": filters.__dict__})
 
-    def _free_for(self, reviewer: str):
+    def _free_for(self, reviewer: str) -> Callable[[str], bool]:
         return lambda crop: self.leases.available(crop, reviewer)
 
     async def crop(self, request: Request) -> Response:
