@@ -58,8 +58,11 @@ def test_review_three_crops_by_mouse_keyboard_and_undo(s3_bucket: str) -> None:
         # 3. accept the model's answer with A, then undo it with U
         ActionChains(driver).send_keys("a").perform()
         _wait_text(driver, "status", "Vespula vulgaris (species)")
+        WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "empty").is_displayed(),
+                                            message="the queue never ran out")
         ActionChains(driver).send_keys("u").perform()
         _wait_text(driver, "status", "undone")
+        _wait_text(driver, "crop-meta", "crop-c")  # the undone crop is back on the page
 
         severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert severe == [], severe

@@ -209,15 +209,17 @@ function advance() {
 }
 
 // ---------------------------------------------------------------- deciding
-async function decide(fields, describe) {
-  const crops = targets();
+async function decide(fields, describe, crops = targets()) {
   if (!crops.length) return;
   try {
     const data = await api("/api/decisions", {body: {crop_ids: crops, request_id: requestId(), ...fields}});
-    for (const view of data.crops) {
+    for (const view of data.crops.slice().reverse()) {
       const index = state.crops.findIndex((c) => c.crop_id === view.crop_id);
       if (index >= 0) state.crops[index] = {...state.crops[index], ...view};
+      else state.crops.unshift(view);  // an undone crop the page had moved past comes back
     }
+    if (fields.kind === "retract") state.focus = state.crops.findIndex((c) => c.crop_id === crops[0]);
+    if ($("ns-form").contains(document.activeElement)) document.activeElement.blur();
     if (fields.kind !== "retract") state.history.push(crops);
     state.selected.clear();
     const first = data.decisions[0];
@@ -236,9 +238,7 @@ function reject() { decide({kind: "reject"}); }
 async function undo() {
   const crops = state.history.pop();
   if (!crops) { say("nothing to undo"); return; }
-  state.selected = new Set(crops.length > 1 ? crops : []);
-  state.focus = Math.max(0, state.crops.findIndex((c) => c.crop_id === crops[0]));
-  await decide({kind: "retract"}, "undone");
+  await decide({kind: "retract"}, "undone", crops);
 }
 
 async function skip() {
