@@ -55,6 +55,8 @@ def test_tokens_from_env(tmp_path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("one\ntwo,three\n")
     assert tokens_from_env({"TAXONET_API_TOKEN_FILE": str(token_file)}) == ("one", "two", "three")
+    assert tokens_from_env({"TAXONET_API_TOKEN": "a", "TAXONET_API_TOKEN_FILE": str(token_file)}) == (
+        "a", "one", "two", "three")
     with pytest.raises(RuntimeError, match="cannot be read"):
         tokens_from_env({"TAXONET_API_TOKEN_FILE": str(tmp_path / "missing")})
 

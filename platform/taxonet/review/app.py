@@ -66,19 +66,17 @@ class ReviewApiError(Exception):
 
 
 def tokens_from_env(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
-    """The accepted tokens: ``$TAXONET_API_TOKEN``, else the contents of ``$TAXONET_API_TOKEN_FILE``; comma- or
-    newline-separated, stripped, empty entries dropped. A named file that cannot be read is an error (never "no
-    auth")."""
-    text = environ.get(TOKEN_ENV, "")
-    if not text.strip() and environ.get(TOKEN_FILE_ENV, "").strip():
-        path = environ[TOKEN_FILE_ENV].strip()
+    """The accepted tokens, read as the API reads them (``taxonet.serve.http.load_tokens``, which imports Ray; the
+    review server does not): ``$TAXONET_API_TOKEN`` and the contents of ``$TAXONET_API_TOKEN_FILE``, comma- or
+    newline-separated, stripped. A named file that cannot be read is an error, never "no auth"."""
+    raw = environ.get(TOKEN_ENV, "")
+    path = environ.get(TOKEN_FILE_ENV, "").strip()
+    if path:
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            raw += "\n" + Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise RuntimeError(f"${TOKEN_FILE_ENV}={path} cannot be read: {exc}") from None
-        if not text.strip():
-            raise RuntimeError(f"${TOKEN_FILE_ENV}={path} holds no token")
-    return tuple(token.strip() for token in re.split(r"[,\n]", text) if token.strip())
+            raise RuntimeError(f"{TOKEN_FILE_ENV}={path} cannot be read: {exc}") from exc
+    return tuple(dict.fromkeys(token.strip() for token in re.split(r"[,\r\n]", raw) if token.strip()))
 
 
 @dataclass(frozen=True)
