@@ -23,6 +23,7 @@ which a cross-site form cannot send: with the SameSite cookies, that keeps other
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hmac
 import io
 import json
@@ -290,7 +291,7 @@ class ReviewApp:
                 view = self.view(item, reviewer)
                 view["similar"] = [c for c, _ in self.store.similar(item.crop_id, unreviewed, MAX_PAGE_SIZE)]
                 views.append(view)
-        return JSONResponse({"crops": views, "filters": filters.__dict__})
+        return JSONResponse({"crops": views, "filters": dataclasses.asdict(filters)})
 
     def _free_for(self, reviewer: str) -> Callable[[str], bool]:
         return lambda crop: self.leases.available(crop, reviewer)
