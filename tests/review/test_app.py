@@ -13,9 +13,13 @@ import time
 import pytest
 import requests
 
+from taxonet import registry
+from taxonet.commands.review import load_taxonomy
+from taxonet.config import ConfigError
 from taxonet.review import records
 from taxonet.review.app import tokens_from_env
 from taxonet.review.leases import Leases
+from tests.checkpoint_support import tiny_checkpoint
 from tests.review import test_stats
 from tests.review.review_support import TAXONOMY, TOKEN, free_port, item, serving, session, write_queue
 
@@ -270,3 +274,14 @@ def test_cli_serves_the_page_with_the_token_from_a_file(tmp_path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_the_taxonomy_comes_from_a_file_or_a_published_model(tmp_path) -> None:
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    registry.publish(str(checkpoint), str(tmp_path / "models"), "demo")
+    registry.promote(str(tmp_path / "models"), "demo", 1, "production")
+    assert load_taxonomy(None, f"{tmp_path / 'models'}/demo@production").rows() == TAXONOMY.rows()
+    (tmp_path / "taxa.csv").write_text("order,family,species\nDiptera,Syrphidae,Eristalis tenax\n")
+    assert list(load_taxonomy(str(tmp_path / "taxa.csv"), None).names[2]) == ["Eristalis tenax"]
+    with pytest.raises(ConfigError, match="--taxonomy FILE"):
+        load_taxonomy(None, None)

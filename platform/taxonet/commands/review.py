@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from taxonet.taxonomy import Taxonomy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,23 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from taxonet import checkpoint, registry, storage
+    from taxonet import storage
     from taxonet.config import ConfigError
     from taxonet.review.app import build_app, tokens_from_env
     from taxonet.review.leases import DEFAULT_TTL_S, Leases
     from taxonet.review.store import DEFAULT_REFRESH_S, ReviewStore
-    from taxonet.taxonomy import Taxonomy
 
-    if args.taxonomy:
-        text = storage.read_bytes(args.taxonomy).decode("utf-8")
-        taxonomy = Taxonomy.from_csv(text) if args.taxonomy.lower().endswith(".csv") else Taxonomy.loads(text)
-    elif args.model:
-        uri = registry.resolve(args.model).uri
-        taxonomy = Taxonomy.from_dict(checkpoint.read_listed_json(uri, "taxonomy.json",
-                                                                  checkpoint.read_manifest(uri, verify=False)))
-    else:
-        raise ConfigError("the review page needs the taxonomy reviewers pick from: --taxonomy FILE or "
-                              "--model MODELS/NAME@ALIAS")
+    taxonomy = load_taxonomy(args.taxonomy, args.model)
     try:
         tokens = tokens_from_env()
     except RuntimeError as exc:
@@ -64,3 +58,21 @@ def _serve(args: argparse.Namespace) -> int:
           f"{len(store.decisions())} decisions in {labels}; token {'required' if tokens else 'not set'}", flush=True)
     uvicorn.run(build_app(store, leases, tokens), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def load_taxonomy(taxonomy: str | None, model: str | None) -> Taxonomy:
+    """The taxa reviewers pick from: a YAML/JSON/CSV file (local or a storage URI), or the taxonomy inside a model
+    (``MODELS/NAME@ALIAS``, ``MODELS/NAME@N`` or a checkpoint URI; only its manifest and taxonomy.json are read)."""
+    from taxonet import checkpoint, registry, storage
+    from taxonet.config import ConfigError
+    from taxonet.taxonomy import Taxonomy
+
+    if taxonomy:
+        text = storage.read_bytes(taxonomy).decode("utf-8")
+        return Taxonomy.from_csv(text) if taxonomy.lower().endswith(".csv") else Taxonomy.loads(text)
+    if model:
+        uri = registry.resolve(model).uri
+        return Taxonomy.from_dict(checkpoint.read_listed_json(uri, "taxonomy.json",
+                                                              checkpoint.read_manifest(uri, verify=False)))
+    raise ConfigError("the review page needs the taxonomy reviewers pick from: --taxonomy FILE or "
+                      "--model MODELS/NAME@ALIAS")
