@@ -79,8 +79,10 @@ def test_token_and_name_are_required(tmp_path) -> None:
         browser = requests.Session()
         assert browser.post(url + "/api/login", json={"token": "wrong", "name": "ana"}).status_code == 401
         assert browser.post(url + "/api/login", data={"token": TOKEN, "name": "ana"}).status_code == 415
+        assert browser.get(url + "/api/session").json() == {"reviewer": None}
         assert browser.post(url + "/api/login", json={"token": TOKEN, "name": "ana"}).status_code == 200
         assert browser.get(url + "/api/me").json()["reviewer"] == "ana"
+        assert browser.get(url + "/api/session").json() == {"reviewer": "ana"}
         image = browser.get(url + "/api/crops/none/image")
         assert image.status_code == 200 and image.content[:2] == b"\xff\xd8"
 

@@ -4,6 +4,7 @@ Experts open the page, log in with the API token and their name, and label the c
 
     GET  /                          the page (static; every /api/* call below is token-protected)
     POST /api/login                 {"token", "name"}: checks both, sets them as HttpOnly SameSite=Strict cookies
+    GET  /api/session               {"reviewer": NAME or null}: logged in or not (never 401)
     GET  /api/me                    reviewer, ranks, families and sources for the filters
     GET  /api/taxa?q=               type-ahead over every taxon of the taxonomy
     GET  /api/next?status=&family=&source=&reason=&unsure_at=&limit=
@@ -137,6 +138,7 @@ class ReviewApp:
             Route("/", self.page),
             Route("/api/login", self.login, methods=["POST"]),
             Route("/api/logout", self.logout, methods=["POST"]),
+            Route("/api/session", self.session),
             Route("/api/me", self.me),
             Route("/api/taxa", self.search),
             Route("/api/next", self.next_crops),
@@ -256,6 +258,13 @@ class ReviewApp:
         response.delete_cookie(TOKEN_COOKIE)
         response.delete_cookie(REVIEWER_COOKIE)
         return response
+
+    async def session(self, request: Request) -> Response:
+        """Whether the caller is logged in (200 either way, so the page asks for a login without an error)."""
+        try:
+            return JSONResponse({"reviewer": self._reviewer(request)})
+        except (ReviewApiError, RecordError):
+            return JSONResponse({"reviewer": None})
 
     async def me(self, request: Request) -> Response:
         reviewer = self._reviewer(request)

@@ -56,6 +56,8 @@ $("logout").addEventListener("click", async () => {
 });
 
 async function start() {
+  const current = await api("/api/session");
+  if (!current.reviewer) { showLogin(""); return; }
   state.me = await api("/api/me");
   $("login").hidden = true;
   $("logout").hidden = false;
