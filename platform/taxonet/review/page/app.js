@@ -221,7 +221,8 @@ async function decide(fields, describe, crops = targets()) {
       else state.crops.unshift(view);  // an undone crop the page had moved past comes back
     }
     if (fields.kind === "retract") state.focus = state.crops.findIndex((c) => c.crop_id === crops[0]);
-    if ($("ns-form").contains(document.activeElement)) document.activeElement.blur();
+    // back to the page, so the next crop's shortcuts work at once
+    if (document.activeElement && document.activeElement.matches("input")) document.activeElement.blur();
     if (fields.kind !== "retract") state.history.push(crops);
     state.selected.clear();
     const first = data.decisions[0];
