@@ -42,6 +42,9 @@ def decisions() -> list[Decision]:
     return [Decision("cam2-23", "ana", "taxon", rank="species", taxon="Apis mellifera", decided_at=at("00:10")),
             Decision("cam2-22", "ana", "taxon", rank="species", taxon="Aglais urticae", decided_at=at("00:40")),
             Decision("cam1-13", "ana", "taxon", rank="family", taxon="Syrphidae", decided_at=at("01:30")),
+            Decision("cam1-12", "ana", "taxon", rank="species", taxon="Eupeodes corollae", decided_at=at("02:10")),
+            Decision("cam1-11", "ben", "new_species", rank="family", parent="Apidae", decided_at=at("02:20")),
+            Decision("cam2-21", "ben", "taxon", rank="family", taxon="Vespidae", decided_at=at("02:45")),
             Decision("cam1-13", "ben", "taxon", rank="species", taxon="Episyrphus balteatus",
                      decided_at=at("03:00"))]
 
