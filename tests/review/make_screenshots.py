@@ -33,7 +33,13 @@ def queue() -> list:
               item("cam1-13", "Eupeodes corollae", "order", source="orchard-cam1", size=192, embedding=(0, .7, .7)),
               item("cam2-21", "Vespula vulgaris", "order", source="meadow-cam2", size=192, embedding=(.5, .5, 0)),
               item("cam2-22", "Aglais urticae", "family", source="meadow-cam2", size=192, embedding=(.2, .1, .9)),
-              item("cam2-23", "Apis mellifera", "species", reason="audit", source="meadow-cam2", size=192)]
+              item("cam2-23", "Apis mellifera", "species", reason="audit", source="meadow-cam2", size=192),
+              item("cam1-14", "Eristalis tenax", None, source="orchard-cam1", size=192,
+                   image_species="Eupeodes corollae", embedding=(0, .9, .3)),
+              item("cam4-31", "Coccinella septempunctata", "order", source="hedge-cam4", size=192,
+                   embedding=(.3, 0, 1)),
+              item("cam4-32", "Aglais urticae", "order", source="hedge-cam4", size=192, embedding=(1, 1, 0)),
+              item("cam4-33", "Episyrphus balteatus", "family", source="hedge-cam4", size=192, embedding=(0, .2, 1))]
     return crops
 
 
@@ -62,7 +68,7 @@ def main() -> None:
         with serving(f"{root}/queue", f"{root}/labels") as url, chromium(1366, 800) as driver:
             log_in(driver, url, "cara")
             wait = WebDriverWait(driver, WAIT_S)
-            wait.until(lambda d: "cam1-11" in d.find_element(By.ID, "crop-meta").text)
+            wait.until(lambda d: "cam1-14" in d.find_element(By.ID, "crop-meta").text)
             driver.find_element(By.ID, "search").send_keys("syrph")
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results li"))
             time.sleep(0.5)  # images finish drawing
