@@ -13,6 +13,7 @@ from pathlib import Path
 
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from taxonet.review import records
@@ -35,7 +36,8 @@ def queue() -> list:
               item("cam2-22", "Aglais urticae", "family", source="meadow-cam2", size=192, embedding=(.2, .1, .9)),
               item("cam2-23", "Apis mellifera", "species", reason="audit", source="meadow-cam2", size=192),
               item("cam1-14", "Eristalis tenax", None, source="orchard-cam1", size=192,
-                   image_species="Eupeodes corollae", embedding=(0, .9, .3)),
+                   image_species="Eupeodes corollae", embedding=(0, .9, .3),
+                   alternatives=("Hymenoptera", "Apidae", "Eupeodes corollae", "Episyrphus balteatus")),
               item("cam4-31", "Coccinella septempunctata", "order", source="hedge-cam4", size=192,
                    embedding=(.3, 0, 1)),
               item("cam4-32", "Aglais urticae", "order", source="hedge-cam4", size=192, embedding=(1, 1, 0)),
@@ -73,8 +75,7 @@ def main() -> None:
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results li"))
             time.sleep(0.5)  # images finish drawing
             driver.save_screenshot(str(out / "review-page.png"))
-            driver.find_element(By.ID, "search").clear()
-            ActionChains(driver).send_keys("\ue00c").perform()  # Escape: leave the search box
+            driver.find_element(By.ID, "search").send_keys(Keys.ESCAPE)  # clears the search, leaves the box
             driver.find_element(By.CSS_SELECTOR, '#list .thumb[data-crop="cam3-00"]').click()
             ActionChains(driver).send_keys("g").perform()
             wait.until(lambda d: "look-alikes selected" in d.find_element(By.ID, "status").text)

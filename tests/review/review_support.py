@@ -58,11 +58,11 @@ def jpeg(chain: Sequence[str], index: int = 0, size: int = 64) -> bytes:
 
 def item(crop_id: str, species: str, reliable_to: str | None, *, source: str | None = None, reason: str = "unsure",
          embedding: Sequence[float] = (), confidence: float = 0.3, size: int = 64, image_species: str | None = None,
-         queued_at: str = "2026-12-01T09:00:00+00:00") -> QueueItem:
+         queued_at: str = "2026-12-01T09:00:00+00:00", alternatives: Sequence[str] = ()) -> QueueItem:
     chain = chain_of(species)
     data = jpeg(chain_of(image_species or species), index=sum(map(ord, crop_id)), size=size)
     return QueueItem(crop_id=crop_id, reason=reason, jpeg=data, width=size, height=size,
-                     answer=json.dumps(answer(chain, reliable_to, confidence)), model="demo", model_version="3",
+                     answer=json.dumps(answer(chain, reliable_to, confidence, alternatives)), model="demo", model_version="3",
                      lowest_reliable_rank=reliable_to, source=source, queued_at=queued_at,
                      embedding=tuple(embedding))
 
