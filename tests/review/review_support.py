@@ -62,8 +62,8 @@ def item(crop_id: str, species: str, reliable_to: str | None, *, source: str | N
     chain = chain_of(species)
     data = jpeg(chain_of(image_species or species), index=sum(map(ord, crop_id)), size=size)
     return QueueItem(crop_id=crop_id, reason=reason, jpeg=data, width=size, height=size,
-                     answer=json.dumps(answer(chain, reliable_to, confidence, alternatives)), model="demo", model_version="3",
-                     lowest_reliable_rank=reliable_to, source=source, queued_at=queued_at,
+                     answer=json.dumps(answer(chain, reliable_to, confidence, alternatives)), model="demo",
+                     model_version="3", lowest_reliable_rank=reliable_to, source=source, queued_at=queued_at,
                      embedding=tuple(embedding))
 
 
