@@ -21,7 +21,7 @@ from taxonet import __version__
 from taxonet.console import default_log_path, route_output
 
 #: modules under taxonet.commands that add verbs, in help order
-COMMAND_MODULES = ("datasets", "training", "serve", "demo", "models")
+COMMAND_MODULES = ("datasets", "training", "serve", "demo", "models", "review")
 #: verbs whose Ray lines go to a log file unless -v
 ROUTED_COMMANDS = ("train", "experiment", "demo")
 
