@@ -65,6 +65,30 @@ def test_serve_refuses_a_missing_checkpoint_before_starting_ray(tmp_path: Path,
     assert "not a complete taxonet checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.unit
+def test_serve_flags_left_out_take_the_serve_apps_defaults(tmp_path: Path) -> None:
+    """Issue 13: each default is stated once (ServeArgs); the CLI passes on only the flags it was given."""
+    import argparse
+
+    from taxonet.commands.serve import _serve_args, register
+    from taxonet.serve.config import ServeArgs
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def built(*flags: str) -> ServeArgs:
+        return _serve_args(parser.parse_args(["serve", "--checkpoint", "ckpt", *flags]), embedded=False)
+
+    assert built() == ServeArgs(checkpoint="ckpt")
+    scaled = built("--max-replicas", "2", "--max-batch-size", "128", "--ingress-cpus", "0.25", "--device", "cuda")
+    defaults = ServeArgs(checkpoint="ckpt")
+    for name in ("ingress", "classifier"):
+        assert getattr(scaled, name).autoscaling == {**getattr(defaults, name).autoscaling, "max_replicas": 2}
+    assert scaled.ingress.num_cpus == 0.25 and scaled.classifier.num_cpus == defaults.classifier.num_cpus
+    assert scaled.max_batch_size == 128 and scaled.classifier.max_ongoing_requests == 128  # a batch can fill
+    assert scaled.classifier.num_gpus == 1.0 and scaled.top_k == defaults.top_k
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_serve_verb_serves_until_interrupted(serve_http: str, checkpoint: Path, image_files: list[Path],
