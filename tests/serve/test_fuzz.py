@@ -38,10 +38,15 @@ def fuzz_url(serve_http: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """The taxonet app (tiny random-init checkpoint, token, small limits) at ``PREFIX``; deleted afterwards."""
     from ray import serve
 
-    checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("fuzz") / "ckpt", version="fuzz")
-    deploy({"checkpoint": str(checkpoint), "api_token": TOKEN, "max_batch_size": 4, "max_files": 4,
-            "max_image_bytes": 256 * 1024, "max_request_bytes": 1024 * 1024, "max_image_pixels": 1_000_000,
-            "ingress": SMALL, "classifier": SMALL}, name="taxonet-fuzz", route_prefix=PREFIX)
+    directory = tmp_path_factory.mktemp("fuzz")
+    checkpoint = tiny_checkpoint(directory / "ckpt", version="fuzz")
+    token_file = directory / "token"  # as a mounted Secret brings it (the token is never a Serve argument)
+    token_file.write_text(TOKEN + "\n")
+    ingress = {**SMALL, "env_vars": {"TAXONET_API_TOKEN_FILE": str(token_file)}}
+    deploy({"checkpoint": str(checkpoint), "max_batch_size": 4, "max_files": 4, "max_image_bytes": 256 * 1024,
+            "max_request_bytes": 1024 * 1024, "max_image_pixels": 1_000_000, "max_request_pixels": 2_000_000,
+            "decode_pixel_budget": 2_000_000, "ingress": ingress, "classifier": SMALL},
+           name="taxonet-fuzz", route_prefix=PREFIX)
     try:
         yield f"{serve_http}{PREFIX}"
     finally:

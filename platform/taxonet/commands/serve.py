@@ -264,7 +264,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 def _classify_local(args: argparse.Namespace, paths: list[Path]) -> list[dict[str, Any]]:
     from taxonet.data.transforms import ImageDecodeError
-    from taxonet.predictor import Predictor
+    from taxonet.serve.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(args.target, device=args.device, top_k=args.top_k)
     results: list[dict[str, Any]] = [{} for _ in paths]
@@ -281,14 +281,14 @@ def _classify_local(args: argparse.Namespace, paths: list[Path]) -> list[dict[st
         chunk = decoded[start:start + args.batch_size]
         answers = predictor.predict_tensors(torch.stack([tensor for _, tensor in chunk]))
         for (index, _), answer in zip(chunk, answers):
-            results[index] = {"model": model, **answer}
+            results[index] = {"model": model, **answer.to_dict()}
     return results
 
 
 def _classify_remote(url: str, paths: list[Path], token: str | None) -> list[dict[str, Any]]:
     import httpx
 
-    from taxonet.predictor import sniff_format
+    from taxonet.serve.predictor import sniff_format
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one JSON line per image on stdout, no request log
     headers = {"Authorization": f"Bearer {token}"} if token else {}
