@@ -8,6 +8,7 @@ cycling through a hostile mix:
     jpeg       one 8-bit RGB JPEG just under max_image_pixels
     maxfiles   a multipart request with max_files of those 16-bit PNGs
     slow       a 16-bit PNG whose body trickles in over --trickle-seconds (a slow client holding a connection)
+    budget     a multipart request with as many of those PNGs as max_request_pixels allows (when it is a setting)
 
 Clients honour ``Retry-After`` on a 503 (they wait and retry while the run lasts, as a polite client does), so a 503
 the server meant as backpressure is counted apart from a final answer. Peak RSS comes from the kernel's high-water mark (VmHWM in
@@ -291,6 +292,10 @@ def main() -> int:
     body, content_type = multipart([big16] * files, "image/png")
     kinds = [Kind("png16", big16, "image/png"), Kind("jpeg", big_jpeg, "image/jpeg"),
              Kind("maxfiles", body, content_type), Kind("slow", big16, "image/png", args.trickle_seconds)]
+    request_pixels = settings.model_dump().get("max_request_pixels")
+    if request_pixels:  # as many of the largest images as one request's pixel budget allows
+        budget_body, budget_type = multipart([big16] * max(1, min(files, request_pixels // (side * side))), "image/png")
+        kinds.append(Kind("budget", budget_body, budget_type))
 
     mark = uuid.uuid4().hex
     port = free_port()
