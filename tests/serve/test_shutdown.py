@@ -141,5 +141,6 @@ def test_sigterm_after_a_replica_crash_under_load_ends_the_whole_ray_session(
     wait_for(lambda: not port_open(port), timeout=60, what=f"port {port} to close")
     wait_for(lambda: not marked_processes(mark), timeout=60, what="the Ray session's processes to end")
     assert "taxonet: stopped" in "".join(output), "".join(output)
+    # the service survived the crash: answers, and no 5xx beyond "unavailable" and "timed out" (docs/api.md)
     statuses = set(load.results)
-    assert 200 in statuses and not {s for s in statuses if isinstance(s, int) and s >= 500} - {503}, statuses
+    assert 200 in statuses and not {s for s in statuses if isinstance(s, int) and s >= 500} - {503, 504}, statuses
