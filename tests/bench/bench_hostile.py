@@ -10,10 +10,10 @@ cycling through a hostile mix:
     slow       a 16-bit PNG whose body trickles in over --trickle-seconds (a slow client holding a connection)
     budget     a multipart request with as many of those PNGs as max_request_pixels allows (when it is a setting)
 
-Clients honour ``Retry-After`` on a 503 (they wait and retry while the run lasts, as a polite client does), so a 503
-the server meant as backpressure is counted apart from a final answer. Peak RSS comes from the kernel's high-water mark (VmHWM in
-/proc) of every ingress and classifier replica process the run saw; the ingress's is compared with the worst case
-the settings allow (``worst_case_bytes``). A watchdog stops the run (and says so) if a replica passes
+Clients honour ``Retry-After`` on a 503 (they wait and retry while the run lasts, as a polite client does), so a
+503 the server meant as backpressure is counted apart from a final answer. Peak RSS comes from the kernel's
+high-water mark (VmHWM in /proc) of every ingress and classifier replica process the run saw; the ingress's is
+compared with the worst case the settings allow (``worst_case_bytes``). A watchdog stops the run (and says so) if a replica passes
 ``--rss-limit-mb``, so a server without a memory bound cannot take the machine with it.
 
 Prints Markdown tables for docs/benchmarks.md. ``--smoke`` runs a scaled-down mix (1 MP images, 4 clients, a few
