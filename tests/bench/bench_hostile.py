@@ -137,8 +137,8 @@ def client(port: int, kinds: list[Kind], offset: int, stop: threading.Event, out
                 break
             backpressure += 1
             time.sleep(max(retry_after, 0.1))
-        if retry_after is not None and stop.is_set():
-            status = "503, run over"  # backpressure the client would have waited out, not a final answer
+        if retry_after is not None:  # backpressure to the last try: the server was busy, it did not fail
+            status = "503, run over" if stop.is_set() else f"503, gave up after {RETRIES} tries"
         outcomes.append(Outcome(kind.name, status, time.perf_counter() - start, backpressure))
 
 
@@ -351,7 +351,8 @@ def main() -> int:
               f"{statistics.median(seconds) if seconds else float('nan'):.2f} | {percentile(seconds, 0.99):.2f} |")
     server_errors = sum(1 for o in outcomes if isinstance(o.status, int) and o.status >= 500)
     errors = sum(1 for o in outcomes if isinstance(o.status, str) and not o.status.startswith("503"))
-    print(f"\nfinal 5xx answers: {server_errors}; connection errors: {errors}; requests: {len(outcomes)}")
+    print(f"\nfinal 5xx answers (faults: any 5xx but a 503 with Retry-After): {server_errors}; "
+          f"connection errors: {errors}; requests: {len(outcomes)}")
     return 0
 
 
