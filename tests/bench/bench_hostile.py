@@ -284,7 +284,7 @@ def main() -> int:
     if args.smoke:
         args.seconds, args.clients, args.trickle_seconds = 6.0, 4, 1.0
 
-    settings = ServeArgs(checkpoint="unused")  # the defaults `taxonet serve` runs with
+    settings = ServeArgs(model="unused")  # the defaults `taxonet serve` runs with
     side = 1000 if args.smoke else math.isqrt(settings.max_image_pixels)
     files = 4 if args.smoke else settings.max_files
     print(f"# building the hostile mix: {side}×{side} px ({side * side:,} px), {files} files per multipart", flush=True)

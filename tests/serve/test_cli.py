@@ -63,6 +63,8 @@ def test_serve_refuses_a_missing_checkpoint_before_starting_ray(tmp_path: Path,
     (tmp_path / "half").mkdir()
     assert main(["serve", "--checkpoint", str(tmp_path / "half")]) == 2
     assert "not a complete taxonet checkpoint" in capsys.readouterr().err
+    assert main(["serve", "--model", "gs://bucket/models/demo@production"]) == 2
+    assert "gs://" in capsys.readouterr().err
 
 
 @pytest.mark.unit
@@ -79,9 +81,9 @@ def test_serve_flags_left_out_take_the_serve_apps_defaults(tmp_path: Path) -> No
     def built(*flags: str) -> ServeArgs:
         return _serve_args(parser.parse_args(["serve", "--checkpoint", "ckpt", *flags]), embedded=False)
 
-    assert built() == ServeArgs(checkpoint="ckpt")
+    assert built() == ServeArgs(model="ckpt")
     scaled = built("--max-replicas", "2", "--max-batch-size", "128", "--ingress-cpus", "0.25", "--device", "cuda")
-    defaults = ServeArgs(checkpoint="ckpt")
+    defaults = ServeArgs(model="ckpt")
     for name in ("ingress", "classifier"):
         assert getattr(scaled, name).autoscaling == {**getattr(defaults, name).autoscaling, "max_replicas": 2}
     assert scaled.ingress.num_cpus == 0.25 and scaled.classifier.num_cpus == defaults.classifier.num_cpus

@@ -1,6 +1,7 @@
 """CLI verbs for serving: ``serve`` (the HTTP API on Ray Serve, until Ctrl-C) and ``classify`` (images → answers).
 
-``taxonet serve --checkpoint URI`` starts an embedded local Ray (or joins ``--address`` / $RAY_ADDRESS), deploys
+``taxonet serve --model REF`` (a checkpoint URI or ``MODELS/NAME@ALIAS``, followed while serving) starts an embedded
+local Ray (or joins ``--address`` / $RAY_ADDRESS), deploys
 ``taxonet.serve.app:app_builder`` and blocks; Ctrl-C or SIGTERM removes the application (and stops the embedded Ray).
 ``taxonet classify TARGET IMAGES...`` answers with the in-process predictor when TARGET is a checkpoint, or POSTs the
 images to a running server when TARGET is an http(s) URL; it prints one JSON object per image.
@@ -36,7 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                   description="Serve a checkpoint: POST /v1/classify, GET /v1/taxonomy, /v1/model, "
                                               "/healthz, OpenAPI at /docs (docs/api.md). Options left out take the "
                                               "Serve application's defaults (ServeArgs, docs/api.md).")
-    serve.add_argument("--checkpoint", required=True, help="checkpoint directory: local path, file:// or s3://")
+    serve.add_argument("--model", "--checkpoint", dest="model", required=True,
+                       help="what to serve, followed while serving: a checkpoint directory (local path, file:// or "
+                            "s3://) or a registry reference MODELS/NAME@ALIAS (docs/models.md); --checkpoint is "
+                            "its older name")
+    serve.add_argument("--model-poll", type=float, default=None,
+                       help="seconds between polls of --model")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     serve.add_argument("--device", default=None,
@@ -76,15 +82,17 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from taxonet import raycluster
+    from taxonet import raycluster, registry, storage
     from taxonet.serve.app import app_builder
     from taxonet.serve.config import TOKEN_ENV
 
-    if not args.checkpoint.startswith("s3://"):
-        # fail here with one clear line, not after Serve has retried starting replicas on a typo'd path
+    reference = registry.parse_reference(args.model)  # a malformed reference or unknown scheme: one clear line
+    if not reference.is_registry and storage.is_local(args.model):
+        # a local checkpoint must exist now (a typo'd path would only make the server wait); a registry alias may
+        # be promoted after the server starts
         from taxonet.checkpoint import materialize, read_manifest
 
-        read_manifest(materialize(args.checkpoint))
+        read_manifest(materialize(args.model))
     embedded_wanted = not (args.address or os.environ.get("RAY_ADDRESS"))
     config = _serve_args(args, embedded_wanted)
     token = (args.token or os.environ.get(TOKEN_ENV) or "").strip()
@@ -103,7 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
         host, port = _http_address(args.host, args.port)
         serve.run(app_builder(config), name=args.name, route_prefix=args.route_prefix)
         base = f"http://{host}:{port}{args.route_prefix.rstrip('/')}"
-        print(f"taxonet: serving {args.checkpoint} at {base}/v1/classify (OpenAPI: {base}/docs); "
+        print(f"taxonet: serving {args.model} at {base}/v1/classify (OpenAPI: {base}/docs); "
               f"Ctrl-C to stop", flush=True)
         signals.serving = True
         while not signals.stop:
@@ -139,10 +147,10 @@ def _serve_args(args: argparse.Namespace, embedded: bool) -> ServeArgs:
     """The Serve application's arguments: ServeArgs' defaults, overridden only by the flags given."""
     from taxonet.serve.config import ServeArgs
 
-    defaults = ServeArgs(checkpoint=args.checkpoint)
-    fields: dict[str, Any] = {"checkpoint": args.checkpoint}
+    defaults = ServeArgs(model=args.model)
+    fields: dict[str, Any] = {"model": args.model}
     for flag, field in (("device", "device"), ("top_k", "top_k"), ("max_batch_size", "max_batch_size"),
-                        ("batch_wait", "batch_wait_timeout_s")):
+                        ("batch_wait", "batch_wait_timeout_s"), ("model_poll", "model_poll_s")):
         if getattr(args, flag) is not None:
             fields[field] = getattr(args, flag)
     for name, cpus in (("ingress", args.ingress_cpus), ("classifier", args.classifier_cpus)):
