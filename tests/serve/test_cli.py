@@ -121,7 +121,7 @@ def test_serve_verb_serves_until_interrupted(serve_http: str, checkpoint: Path, 
         assert code == 1 and len(lines) == 3
         assert all("ranks" in line for line in lines[:2]) and lines[2]["error"]["code"] == "corrupt_image"
         process.send_signal(signal.SIGINT)
-        # the command bounds its own shutdown (--shutdown-timeout, 10 s); the rest is a loaded machine's slack
+        # the command bounds its own shutdown (--shutdown-timeout, 20 s); the rest is a loaded machine's slack
         assert process.wait(timeout=90) == 0, "".join(output)
     finally:
         if process.poll() is None:

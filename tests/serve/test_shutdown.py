@@ -136,7 +136,7 @@ def test_sigterm_after_a_replica_crash_under_load_ends_the_whole_ray_session(
                  timeout=180, what="requests after the replica was killed")
         assert len(marked_processes(mark)) > 3  # gcs_server, raylet, Serve's actors...: the session to be ended
         process.send_signal(signal.SIGTERM)
-        # the command bounds its own shutdown (--shutdown-timeout, 10 s); the rest is a loaded machine's slack
+        # the command bounds its own shutdown (--shutdown-timeout, 20 s); the rest is a loaded machine's slack
         assert process.wait(timeout=120) == 0, "".join(output)
     wait_for(lambda: not port_open(port), timeout=60, what=f"port {port} to close")
     wait_for(lambda: not marked_processes(mark), timeout=60, what="the Ray session's processes to end")

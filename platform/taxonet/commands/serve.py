@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # for annotations only: the verb handlers import these when t
     from taxonet.serve.config import ServeArgs
 
 #: seconds Ctrl-C/SIGTERM waits for a graceful stop before it ends the embedded Ray's processes
-SHUTDOWN_TIMEOUT_S = 10.0
+SHUTDOWN_TIMEOUT_S = 20.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -123,17 +123,20 @@ def _serve(args: argparse.Namespace) -> int:
         signals.stopping(lambda: raycluster.kill_session(embedded.mark) if embedded is not None else None)
         if embedded is not None:
             # drain Serve for at most half the budget, then end Ray and whatever of its session is left
-            drained = _bounded(serve.shutdown, args.shutdown_timeout / 2)
-            left = raycluster.shutdown(embedded, timeout_s=args.shutdown_timeout / 2)
-            clean = drained and not left
+            if _bounded(serve.shutdown, args.shutdown_timeout / 2):
+                clean = not raycluster.shutdown(embedded, timeout_s=args.shutdown_timeout / 2)
+            else:
+                # serve.shutdown still runs in its thread: ray.shutdown beside it would end this process with an
+                # error (Ray's core worker exits when it is used after shutdown). End the session's processes instead.
+                raycluster.kill_session(embedded.mark)
         elif not ray.is_initialized():
             clean = True  # never connected: nothing to undo
         else:
-            clean = _bounded(lambda: _delete_app(serve, args.name, args.shutdown_timeout), args.shutdown_timeout)
-            if not clean:
+            if _bounded(lambda: _delete_app(serve, args.name, args.shutdown_timeout), args.shutdown_timeout):
+                clean = _bounded(ray.shutdown, args.shutdown_timeout / 2)
+            else:  # leave without ray.shutdown while the deletion's thread still uses Ray (see above)
                 print(f"taxonet: the cluster had not finished deleting application {args.name!r} after "
                       f"{args.shutdown_timeout:g} s; its controller goes on with it", file=sys.stderr, flush=True)
-            clean = _bounded(ray.shutdown, args.shutdown_timeout / 2) and clean
         print("taxonet: stopped", flush=True)
     if not clean:
         # a Ray call may still hang in a helper thread, and Ray's atexit hook would wait for it
