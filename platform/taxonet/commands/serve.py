@@ -15,38 +15,55 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for annotations only: the verb handlers import these when they run
+    from taxonet.raycluster import EmbeddedRay
+    from taxonet.serve.config import ServeArgs
+
+#: seconds Ctrl-C/SIGTERM waits for a graceful stop before it ends the embedded Ray's processes
+SHUTDOWN_TIMEOUT_S = 20.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    # Defaults of the Serve application are stated once, in taxonet.serve.config.ServeArgs: a flag left out is not
+    # passed on (importing ServeArgs here would slow down `taxonet --help`).
     serve = subparsers.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve (until Ctrl-C)",
                                   description="Serve a checkpoint: POST /v1/classify, GET /v1/taxonomy, /v1/model, "
-                                              "/healthz, OpenAPI at /docs (docs/api.md).")
+                                              "/healthz, OpenAPI at /docs (docs/api.md). Options left out take the "
+                                              "Serve application's defaults (ServeArgs, docs/api.md).")
     serve.add_argument("--model", "--checkpoint", dest="model", required=True,
                        help="what to serve, followed while serving: a checkpoint directory (local path, file:// or "
                             "s3://) or a registry reference MODELS/NAME@ALIAS (docs/models.md); --checkpoint is "
                             "its older name")
     serve.add_argument("--model-poll", type=float, default=None,
-                       help="seconds between polls of --model (default: ServeArgs.model_poll_s, 30)")
+                       help="seconds between polls of --model")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    serve.add_argument("--device", default="auto",
+    serve.add_argument("--device", default=None,
                        help="auto (a GPU for the model if this machine has one), cpu, cuda or cuda:N; on a cluster "
                             "(--address) auto means CPU: pass cuda to give the model replicas a GPU each")
     serve.add_argument("--token", default=None,
                        help="require 'Authorization: Bearer TOKEN' on /v1/* (default: $TAXONET_API_TOKEN, else none)")
-    serve.add_argument("--top-k", type=int, default=3, help="labels with probabilities per rank (default: 3)")
-    serve.add_argument("--max-batch-size", type=int, default=32, help="images per model batch (default: 32)")
-    serve.add_argument("--batch-wait", type=float, default=0.01,
-                       help="seconds a batch waits to fill (default: 0.01)")
-    serve.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling per deployment (default: 2)")
+    serve.add_argument("--top-k", type=int, default=None, help="labels with probabilities per rank")
+    serve.add_argument("--max-batch-size", type=int, default=None, help="images per model batch")
+    serve.add_argument("--batch-wait", type=float, default=None, help="seconds a batch waits to fill")
+    serve.add_argument("--max-replicas", type=int, default=None, help="autoscaling ceiling of each deployment")
+    serve.add_argument("--ingress-cpus", type=float, default=None, help="CPUs reserved per ingress replica")
+    serve.add_argument("--classifier-cpus", type=float, default=None, help="CPUs reserved per model replica")
     serve.add_argument("--name", default="taxonet", help="Serve application name (default: taxonet)")
     serve.add_argument("--route-prefix", default="/", help="URL prefix of the API (default: /)")
     serve.add_argument("--address", default=None,
                        help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs for an embedded local Ray")
+    serve.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S,
+                       help="seconds the shutdown waits for Serve to drain before it ends an embedded Ray's "
+                            f"processes, or for --address, for its app to be deleted (default: {SHUTDOWN_TIMEOUT_S})")
     serve.set_defaults(handler=_serve)
 
     classify = subparsers.add_parser("classify", help="classify image files with a checkpoint or a running server",
@@ -65,11 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from taxonet import raycluster
+    from taxonet import raycluster, registry, storage
     from taxonet.serve.app import app_builder
     from taxonet.serve.config import TOKEN_ENV
-
-    from taxonet import registry, storage
 
     reference = registry.parse_reference(args.model)  # a malformed reference or unknown scheme: one clear line
     if not reference.is_registry and storage.is_local(args.model):
@@ -78,46 +93,83 @@ def _serve(args: argparse.Namespace) -> int:
         from taxonet.checkpoint import materialize, read_manifest
 
         read_manifest(materialize(args.model))
-    embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
-    token = args.token or os.environ.get(TOKEN_ENV)
-    if token:  # the ingress reads it from its environment (never from Serve args); embedded Ray's workers inherit it
-        os.environ[TOKEN_ENV] = token
-    raycluster.init(args.address, num_cpus=args.num_cpus)
-    app_args: dict[str, Any] = {
-        "model": args.model, "device": args.device, "top_k": args.top_k,
-        "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait,
-        "ingress": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": args.max_replicas,
-                                                     "target_ongoing_requests": 16}},
-        "classifier": {"num_cpus": 1, "num_gpus": _gpus_for(args.device, embedded),
-                       "max_ongoing_requests": max(64, args.max_batch_size),
-                       "autoscaling": {"min_replicas": 1, "max_replicas": args.max_replicas,
-                                       "target_ongoing_requests": max(1, args.max_batch_size)}},
-    }
-    if args.model_poll is not None:
-        app_args["model_poll_s"] = args.model_poll
-    stop = _stop_on_signals()
+    embedded_wanted = not (args.address or os.environ.get("RAY_ADDRESS"))
+    config = _serve_args(args, embedded_wanted)
+    token = (args.token or os.environ.get(TOKEN_ENV) or "").strip()
+    # The token reaches the replicas as an environment variable of this job (Serve deployments inherit the driver's
+    # runtime_env, on an embedded Ray as on a remote cluster), never as a Serve argument.
+    init_options: dict[str, Any] = {"runtime_env": {"env_vars": {TOKEN_ENV: token}}} if token else {}
+    signals = _Signals()
+    embedded: EmbeddedRay | None = None
+    clean = False
     try:
+        embedded = raycluster.init(args.address, num_cpus=args.num_cpus, **init_options)
+        signals.install()  # after ray.init, which sets its own SIGTERM handler
+        if embedded is not None:
+            print(f"taxonet: embedded Ray session {embedded.session_dir}", flush=True)
         serve.start(http_options={"host": args.host, "port": args.port})
         host, port = _http_address(args.host, args.port)
-        serve.run(app_builder(app_args), name=args.name, route_prefix=args.route_prefix)
+        serve.run(app_builder(config), name=args.name, route_prefix=args.route_prefix)
         base = f"http://{host}:{port}{args.route_prefix.rstrip('/')}"
         print(f"taxonet: serving {args.model} at {base}/v1/classify (OpenAPI: {base}/docs); "
               f"Ctrl-C to stop", flush=True)
-        while not stop["now"]:
-            time.sleep(0.5)
+        signals.serving = True
+        while not signals.stop:
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
         print("taxonet: stopping", flush=True)
-        try:
-            if embedded:
-                serve.shutdown()
+        signals.stopping(lambda: raycluster.kill_session(embedded.mark) if embedded is not None else None)
+        if embedded is not None:
+            # drain Serve for at most half the budget, then end Ray and whatever of its session is left
+            if _bounded(serve.shutdown, args.shutdown_timeout / 2):
+                clean = not raycluster.shutdown(embedded, timeout_s=args.shutdown_timeout / 2)
             else:
-                serve.delete(args.name)  # leave the shared cluster's other applications alone
-        finally:
-            if embedded:
-                ray.shutdown()
+                # serve.shutdown still runs in its thread: ray.shutdown beside it would end this process with an
+                # error (Ray's core worker exits when it is used after shutdown). End the session's processes instead.
+                raycluster.kill_session(embedded.mark)
+        elif not ray.is_initialized():
+            clean = True  # never connected: nothing to undo
+        else:
+            if _bounded(lambda: _delete_app(serve, args.name, args.shutdown_timeout), args.shutdown_timeout):
+                clean = _bounded(ray.shutdown, args.shutdown_timeout / 2)
+            else:  # leave without ray.shutdown while the deletion's thread still uses Ray (see above)
+                print(f"taxonet: the cluster had not finished deleting application {args.name!r} after "
+                      f"{args.shutdown_timeout:g} s; its controller goes on with it", file=sys.stderr, flush=True)
+        print("taxonet: stopped", flush=True)
+    if not clean:
+        # a Ray call may still hang in a helper thread, and Ray's atexit hook would wait for it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
+
+
+def _serve_args(args: argparse.Namespace, embedded: bool) -> ServeArgs:
+    """The Serve application's arguments: ServeArgs' defaults, overridden only by the flags given."""
+    from taxonet.serve.config import ServeArgs
+
+    defaults = ServeArgs(model=args.model)
+    fields: dict[str, Any] = {"model": args.model}
+    for flag, field in (("device", "device"), ("top_k", "top_k"), ("max_batch_size", "max_batch_size"),
+                        ("batch_wait", "batch_wait_timeout_s"), ("model_poll", "model_poll_s")):
+        if getattr(args, flag) is not None:
+            fields[field] = getattr(args, flag)
+    for name, cpus in (("ingress", args.ingress_cpus), ("classifier", args.classifier_cpus)):
+        deployment = getattr(defaults, name).model_dump()
+        if cpus is not None:
+            deployment["num_cpus"] = cpus
+        if args.max_replicas is not None and deployment["autoscaling"] is not None:
+            deployment["autoscaling"] = {**deployment["autoscaling"], "max_replicas": args.max_replicas}
+        fields[name] = deployment
+    classifier = fields["classifier"]
+    # a batch can only fill when the replica takes that many calls at once
+    classifier["max_ongoing_requests"] = max(classifier["max_ongoing_requests"],
+                                             fields.get("max_batch_size", defaults.max_batch_size))
+    if _gpus_for(fields.get("device", defaults.device), embedded):
+        classifier["num_gpus"] = 1.0
+    return ServeArgs.model_validate(fields)
 
 
 def _gpus_for(device: str, embedded: bool) -> float:
@@ -131,15 +183,63 @@ def _gpus_for(device: str, embedded: bool) -> float:
     return 0.0
 
 
-def _stop_on_signals() -> dict[str, bool]:
-    """SIGTERM (docker stop, kill) ends the server like Ctrl-C does."""
-    state = {"now": False}
+class _Signals:
+    """Ctrl-C (SIGINT) and SIGTERM (docker stop, kill, Kubernetes) end the server the same way.
 
-    def handler(signum: int, _frame: Any) -> None:
-        state["now"] = True
+    While starting, the first signal interrupts the start (KeyboardInterrupt); while serving, it lets the main loop
+    leave; during the shutdown a second one ends the process at once, after killing an embedded Ray's processes.
+    """
 
-    signal.signal(signal.SIGTERM, handler)
-    return state
+    def __init__(self) -> None:
+        self.stop = False
+        self.serving = False
+        self._force: Callable[[], object] | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def stopping(self, force: Callable[[], object]) -> None:
+        self.stop = True
+        self._force = force
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self._force is not None:
+            print(f"taxonet: {signal.Signals(signum).name} during shutdown: exiting now", file=sys.stderr, flush=True)
+            self._force()
+            os._exit(1)
+        self.stop = True
+        if not self.serving:
+            raise KeyboardInterrupt
+
+
+def _bounded(call: Callable[[], object], timeout_s: float) -> bool:
+    """Run ``call`` in a daemon thread; True when it returned without error within ``timeout_s``."""
+    outcome: list[bool] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(True)
+        except Exception as exc:  # a cluster in a bad state: reported, and the shutdown goes on
+            print(f"taxonet: {getattr(call, '__name__', 'shutdown step')} failed: {exc!r}", file=sys.stderr,
+                  flush=True)
+            outcome.append(False)
+
+    thread = threading.Thread(target=run, name="taxonet-shutdown", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(outcome and outcome[0])
+
+
+def _delete_app(serve: ModuleType, name: str, timeout_s: float) -> None:
+    """Delete this command's application only (the cluster's other applications and Serve itself stay)."""
+    serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while name in serve.status().applications:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application {name!r} still present after {timeout_s:g} s")
+        time.sleep(0.5)
 
 
 def _http_address(host: str, port: int) -> tuple[str, int]:
