@@ -17,7 +17,7 @@ from taxonet import registry
 from taxonet.commands.review import load_taxonomy
 from taxonet.config import ConfigError
 from taxonet.review import records
-from taxonet.review.app import tokens_from_env
+from taxonet.auth import load_tokens
 from taxonet.review.leases import Leases
 from tests.checkpoint_support import tiny_checkpoint
 from tests.review import test_stats
@@ -53,16 +53,16 @@ def _ids(response: requests.Response) -> list[str]:
     return [crop["crop_id"] for crop in response.json()["crops"]]
 
 
-def test_tokens_from_env(tmp_path) -> None:
-    assert tokens_from_env({}) == ()
-    assert tokens_from_env({"TAXONET_API_TOKEN": " a , b,, "}) == ("a", "b")
+def test_load_tokens(tmp_path) -> None:
+    assert load_tokens({}) == ()
+    assert load_tokens({"TAXONET_API_TOKEN": " a , b,, "}) == ("a", "b")
     token_file = tmp_path / "token"
     token_file.write_text("one\ntwo,three\n")
-    assert tokens_from_env({"TAXONET_API_TOKEN_FILE": str(token_file)}) == ("one", "two", "three")
-    assert tokens_from_env({"TAXONET_API_TOKEN": "a", "TAXONET_API_TOKEN_FILE": str(token_file)}) == (
+    assert load_tokens({"TAXONET_API_TOKEN_FILE": str(token_file)}) == ("one", "two", "three")
+    assert load_tokens({"TAXONET_API_TOKEN": "a", "TAXONET_API_TOKEN_FILE": str(token_file)}) == (
         "a", "one", "two", "three")
     with pytest.raises(RuntimeError, match="cannot be read"):
-        tokens_from_env({"TAXONET_API_TOKEN_FILE": str(tmp_path / "missing")})
+        load_tokens({"TAXONET_API_TOKEN_FILE": str(tmp_path / "missing")})
 
 
 def test_token_and_name_are_required(tmp_path) -> None:

@@ -18,7 +18,8 @@ from taxonet.data.transforms import TransformSpec
 from taxonet.serve.app import TaxonetIngress
 from taxonet.serve.config import IngressSettings
 from taxonet.serve.errors import ApiError
-from taxonet.serve.http import Admission, BearerAuth, PixelBudget, Upload, load_tokens, check_images
+from taxonet.auth import load_tokens
+from taxonet.serve.http import Admission, BearerAuth, PixelBudget, Upload, check_images
 from taxonet.serve.predictor import SERVED_FORMATS, Preprocessor
 
 pytestmark = pytest.mark.unit

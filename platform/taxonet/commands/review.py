@@ -39,14 +39,15 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from taxonet import storage
+    from taxonet.auth import load_tokens
     from taxonet.config import ConfigError
-    from taxonet.review.app import build_app, tokens_from_env
+    from taxonet.review.app import build_app
     from taxonet.review.leases import DEFAULT_TTL_S, Leases
     from taxonet.review.store import DEFAULT_REFRESH_S, ReviewStore
 
     taxonomy = load_taxonomy(args.taxonomy, args.model)
     try:
-        tokens = tokens_from_env()
+        tokens = load_tokens()
     except RuntimeError as exc:
         raise ConfigError(str(exc)) from None
     labels = args.labels or storage.join(args.queue, "labels")

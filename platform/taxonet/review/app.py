@@ -28,7 +28,6 @@ import dataclasses
 import hmac
 import io
 import json
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,8 +47,6 @@ from taxonet.review.records import Decision, QueueItem, RecordError
 from taxonet.review.store import Filters, ReviewStore, decision_id
 from taxonet.taxonomy import Taxonomy
 
-TOKEN_ENV = "TAXONET_API_TOKEN"
-TOKEN_FILE_ENV = "TAXONET_API_TOKEN_FILE"
 TOKEN_COOKIE = "taxonet_review_token"
 REVIEWER_COOKIE = "taxonet_reviewer"
 PAGE_DIR = Path(__file__).parent / "page"
@@ -65,20 +62,6 @@ class ReviewApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-def tokens_from_env(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
-    """The accepted tokens, read as the API reads them (``taxonet.serve.http.load_tokens``, which imports Ray; the
-    review server does not): ``$TAXONET_API_TOKEN`` and the contents of ``$TAXONET_API_TOKEN_FILE``, comma- or
-    newline-separated, stripped. A named file that cannot be read is an error, never "no auth"."""
-    raw = environ.get(TOKEN_ENV, "")
-    path = environ.get(TOKEN_FILE_ENV, "").strip()
-    if path:
-        try:
-            raw += "\n" + Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RuntimeError(f"{TOKEN_FILE_ENV}={path} cannot be read: {exc}") from exc
-    return tuple(dict.fromkeys(token.strip() for token in re.split(r"[,\r\n]", raw) if token.strip()))
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,14 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from taxonet.auth import load_tokens
 from taxonet.data.transforms import ImageDecodeError, TransformSpec, normalize_uint8
 from taxonet.registry import ResolvedModel
 from taxonet.serve.config import (DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, MODEL_POLL_S, TOKEN_ENV,
                                   TOKEN_FILE_ENV, ClassifierConfig, IngressSettings, ServeArgs)
 from taxonet.serve.errors import ERROR_RESPONSES, ApiError, install_error_handlers
 from taxonet.serve.follower import ModelFollower, ModelNotReady
-from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetrics, Upload, check_images, load_tokens,
+from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetrics, Upload, check_images,
                                 read_uploads, where)
 from taxonet.serve.metrics import ClassifierMetrics, IngressMetrics
 from taxonet.serve.predictor import (SERVED_FORMATS, ClassifyResponse, ImageAnswer, ModelRef, Predictor,

@@ -9,7 +9,7 @@ One object per concern, each default stated once: :class:`ClassifierConfig` (the
 ``args`` stay one flat mapping) plus the device and the two deployments' resources.
 
 The API token is never an argument: it would sit in plain text in the Serve config and the RayService. The ingress
-reads it from ``TAXONET_API_TOKEN`` or from the file named by ``TAXONET_API_TOKEN_FILE`` (:mod:`taxonet.serve.http`).
+reads it from ``TAXONET_API_TOKEN`` or from the file named by ``TAXONET_API_TOKEN_FILE`` (:mod:`taxonet.auth`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve.config import AutoscalingConfig
 
+from taxonet.auth import TOKEN_ENV, TOKEN_FILE_ENV
 from taxonet.data.transforms import DEFAULT_MAX_PIXELS
 from taxonet.errors import CheckpointError, StorageError
 from taxonet.registry import parse_reference
 from taxonet.serve.predictor import DEFAULT_TOP_K
 
-#: environment variable holding the bearer token(s), comma-separated (several: a rotation in progress)
-TOKEN_ENV = "TAXONET_API_TOKEN"
-#: environment variable naming a file (a mounted Secret) that holds the token(s), comma- or newline-separated
-TOKEN_FILE_ENV = "TAXONET_API_TOKEN_FILE"
 MIB = 1024 * 1024
 #: images per model batch (``@serve.batch``), unless configured otherwise
 DEFAULT_MAX_BATCH_SIZE = 32

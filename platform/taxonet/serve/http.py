@@ -16,12 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import os
-import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from python_multipart.exceptions import MultipartParseError
@@ -29,7 +26,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from taxonet.data.transforms import ImageDecodeError
-from taxonet.serve.config import TOKEN_ENV, TOKEN_FILE_ENV, IngressSettings
+from taxonet.serve.config import IngressSettings
 from taxonet.serve.errors import ApiError
 from taxonet.serve.metrics import IngressMetrics
 from taxonet.serve.predictor import Preprocessor
@@ -253,20 +250,6 @@ def check_images(preprocessor: Preprocessor, uploads: list[Upload], max_request_
 
 
 # ---------------------------------------------------------------------------------------------------- auth
-def load_tokens(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    """The accepted bearer tokens: from ``TAXONET_API_TOKEN`` and the file named by ``TAXONET_API_TOKEN_FILE``,
-    comma- or newline-separated, whitespace stripped (a Secret written with ``echo`` ends in a newline)."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(TOKEN_ENV, "")
-    path = environ.get(TOKEN_FILE_ENV, "").strip()
-    if path:
-        try:
-            raw += "\n" + Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RuntimeError(f"{TOKEN_FILE_ENV}={path} cannot be read: {exc}") from exc
-    return tuple(dict.fromkeys(token.strip() for token in re.split(r"[,\r\n]", raw) if token.strip()))
-
-
 class BearerAuth:
     """Checks ``Authorization: Bearer TOKEN`` against the accepted tokens; with none configured, everything passes."""
 
