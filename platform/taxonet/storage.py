@@ -25,7 +25,7 @@ import posixpath
 import re
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -684,34 +684,30 @@ def list_files(uri_prefix: str | os.PathLike) -> list[str]:
     return sorted(found)
 
 
+def _delete_missing_ok(uri: str, delete: Callable[[fs.FileSystem, str], None]) -> None:
+    """Run ``delete(filesystem, path)`` for ``uri``; a missing file/prefix is fine, other failures are translated."""
+    filesystem, path = pyarrow_filesystem(uri)
+    try:
+        delete(filesystem, path)
+    except FileNotFoundError:
+        return
+    except Exception as exc:
+        translated = _translate(exc, "delete", uri)
+        if not isinstance(translated, FileNotFoundError):
+            raise translated from None
+
+
 def delete_files(uris: Iterable[str]) -> int:
     """Delete files/objects (missing ones are ignored); returns how many were requested."""
     uris = [check_uri(u) for u in uris]
     for uri in uris:
-        filesystem, path = pyarrow_filesystem(uri)
-        try:
-            filesystem.delete_file(path)
-        except FileNotFoundError:
-            continue
-        except Exception as exc:
-            translated = _translate(exc, "delete", uri)
-            if not isinstance(translated, FileNotFoundError):
-                raise translated from None
+        _delete_missing_ok(uri, lambda filesystem, path: filesystem.delete_file(path))
     return len(uris)
 
 
 def delete_tree(uri_prefix: str | os.PathLike) -> None:
     """Delete a directory/prefix and everything below it (missing is fine)."""
-    text = check_uri(uri_prefix)
-    filesystem, path = pyarrow_filesystem(text)
-    try:
-        filesystem.delete_dir(path)
-    except FileNotFoundError:
-        return
-    except Exception as exc:
-        translated = _translate(exc, "delete", text)
-        if not isinstance(translated, FileNotFoundError):
-            raise translated from None
+    _delete_missing_ok(check_uri(uri_prefix), lambda filesystem, path: filesystem.delete_dir(path))
 
 
 def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
