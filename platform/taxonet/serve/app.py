@@ -34,6 +34,7 @@ from starlette.formparsers import MultiPartException
 
 from taxonet.data.transforms import ImageDecodeError, TransformSpec, normalize_uint8
 from taxonet.predictor import SERVED_FORMATS, Predictor, Preprocessor, spec_key
+from taxonet.review.queue import ReviewQueueWriter
 from taxonet.serve.config import ClassifierConfig, IngressSettings, ServeArgs
 from taxonet.serve.errors import ERROR_RESPONSES, ApiError, error_response, install_error_handlers
 
@@ -45,6 +46,8 @@ PART_TYPES = set(RAW_TYPES) | {"application/octet-stream", ""}
 ROUTES = ("/v1/classify", "/v1/taxonomy", "/v1/model", "/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect",
           "/redoc")
 STALE = "stale_transform"
+#: optional client-supplied source id (camera, site) stored with crops queued for review
+SOURCE_HEADER = "x-taxonet-source"
 
 
 # ---------------------------------------------------------------------------------------------------- model side
@@ -269,6 +272,14 @@ class TaxonetIngress:
         self._metrics = IngressMetrics()
         self._preprocessor: Preprocessor | None = None
         self._preprocessor_lock = asyncio.Lock()
+        self._review: ReviewQueueWriter | None = None
+        if self._settings.review_queue is not None:
+            self._review = ReviewQueueWriter(self._settings.review_queue, on_queued=self._metrics.review_queued,
+                                             on_dropped=self._metrics.review_dropped).start()
+
+    def __del__(self) -> None:
+        if getattr(self, "_review", None) is not None:
+            self._review.close()  # write the crops still waiting
 
     def __serve_build_asgi_app__(self) -> Any:
         return self.build_api()
@@ -347,6 +358,10 @@ class TaxonetIngress:
         for answer in answers[1:]:
             answer.pop("model")
         predictions = [{"filename": name, **answer} for (name, _), answer in zip(uploads, answers, strict=True)]
+        if self._review is not None:  # non-blocking: a full review queue drops and counts
+            source = request.headers.get(SOURCE_HEADER)
+            for (_, data), answer in zip(uploads, answers, strict=True):
+                self._review.offer(data, answer, model, source)
         return {"model": model, "predictions": predictions}
 
     @staticmethod

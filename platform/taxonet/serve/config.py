@@ -64,6 +64,36 @@ class DeploymentArgs(BaseModel):
         return options
 
 
+class ReviewQueueArgs(BaseModel):
+    """Where and how the ingress queues crops for expert review (``review_queue:`` of the Serve args; absent = off).
+
+    Every answer whose lowest reliable rank is above the deepest rank is queued ("unsure"), plus a random share
+    ``audit_rate`` of the sure ones ("audit"). Queueing never slows or fails a request: the in-memory queue is
+    bounded (items and bytes), a full queue drops the crop and counts it, and a background thread writes whole
+    batches to ``uri`` (see :mod:`taxonet.review.queue`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: the review queue: local path, file:// or s3:// (batches go to URI/batches/)
+    uri: str = Field(min_length=1)
+    #: share of sure answers queued for auditing the model (0 = none)
+    audit_rate: float = Field(0.01, ge=0.0, le=1.0)
+    #: crops waiting in memory for the writer; beyond this (or max_memory_bytes) new crops are dropped and counted
+    max_items: int = Field(256, ge=1)
+    #: encoded bytes waiting in memory (the request bodies, before re-encoding)
+    max_memory_bytes: int = Field(64 * MIB, ge=1)
+    #: a batch is written when it holds this many crops ...
+    batch_size: int = Field(64, ge=1)
+    #: ... or when its oldest crop has waited this long
+    flush_interval_s: float = Field(30.0, gt=0)
+    #: longer side of the stored JPEG (never upscaled)
+    max_side: int = Field(512, ge=16)
+    #: most bytes of one stored JPEG (quality is lowered, then the side halved, until it fits)
+    max_jpeg_bytes: int = Field(256 * 1024, ge=4096)
+    jpeg_quality: int = Field(90, ge=10, le=100)
+
+
 def _default_classifier() -> DeploymentArgs:
     return DeploymentArgs(autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32},
                           access_log=False)
@@ -110,6 +140,8 @@ class ServeArgs(BaseModel):
     max_request_bytes: int = Field(64 * MIB, ge=1)
     #: bearer token required on /v1/*; null → $TAXONET_API_TOKEN in the ingress replica, unset → no auth
     api_token: SecretStr | None = None
+    #: queue unsure answers (and an audit sample) for expert review; null = off
+    review_queue: ReviewQueueArgs | None = None
     ingress: DeploymentArgs = Field(default_factory=DeploymentArgs)
     classifier: DeploymentArgs = Field(default_factory=_default_classifier)
 
@@ -135,7 +167,7 @@ class ServeArgs(BaseModel):
     def ingress_settings(self) -> "IngressSettings":
         return IngressSettings(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
                                max_files=self.max_files, max_request_bytes=self.max_request_bytes,
-                               api_token=self.api_token)
+                               api_token=self.api_token, review_queue=self.review_queue)
 
 
 class IngressSettings(BaseModel):
@@ -148,6 +180,7 @@ class IngressSettings(BaseModel):
     max_files: int = 32
     max_request_bytes: int = 64 * MIB
     api_token: SecretStr | None = None
+    review_queue: ReviewQueueArgs | None = None
 
     def token(self) -> str | None:
         """The configured token, else $TAXONET_API_TOKEN (read in the replica, where the Secret is mounted)."""
