@@ -26,8 +26,8 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
-from taxonet import storage
-from taxonet.checkpoint import materialize, publish_checkpoint
+from taxonet import registry, storage
+from taxonet.checkpoint import materialize, publish_checkpoint, require_compatible
 from taxonet.config import RunConfig
 from taxonet.data.dataset import DatasetInfo
 from taxonet.data.pipeline import Collator, iter_parquet_batches
@@ -58,6 +58,9 @@ def run_training(config: RunConfig) -> TrainingResult:
     if not config.data.dataset:
         raise DatasetError("data.dataset is not set: give the prepared dataset URI (--set data.dataset=URI)")
     info = DatasetInfo.load(config.data.dataset)
+    if config.model.init_from:  # fail here, before any worker starts, when the fine-tune source does not fit
+        require_compatible(registry.resolve(config.model.init_from).uri, config, info.taxonomy,
+                           action="fine-tune from")
     # one progress bar per split and epoch from Ray Data's coordinators drowns the per-epoch summary lines
     ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("TAXONET_DATA_PROGRESS"))
     datasets = {}
