@@ -10,7 +10,8 @@ decisions, an undo withdrawing one) decides what becomes of it:
 - "new species in PARENT" with a provisional name (``Apidae sp. A``) and PARENT at the rank just above the deepest
   → a new class under PARENT once at least ``min_new_species_images`` crops carry that name; below that the crops
   join as partial labels (PARENT known) and the name is listed as pending. Without a provisional name the crops are
-  partial labels at PARENT (one can not tell whether two unnamed crops are one species);
+  partial labels at PARENT (one can not tell whether two unnamed crops are one species). A provisional name that
+  an earlier round made a class under the same PARENT joins that class;
 - rejected ("not an insect / unusable"), disputed (reviewers disagree), unknown taxa and crops missing from the
   queue are left out and listed.
 
@@ -186,11 +187,15 @@ def plan_reviewed(queue: str, labels: str, taxonomy: Taxonomy, base_hashes: set[
             continue
         name = (decision.provisional or "").strip()
         if name and taxonomy.level(str(decision.rank)) == deepest - 1:
-            if (taxonomy.ranks[deepest], name) in taxonomy:
-                left_out.append({"crop_id": crop_id, "reason": "unknown_taxon",
-                                 "detail": f"provisional name {name!r} is a species of the taxonomy already"})
-                continue
             parent_chain = tuple(n for n in chain if n is not None)
+            existing = _chain(taxonomy, taxonomy.ranks[deepest], name)
+            if existing is not None and existing[:-1] == parent_chain:  # named in an earlier round: now a class
+                rows.append(ReviewedRow(crop_id, batch, existing, "class", item))
+                continue
+            if existing is not None:
+                left_out.append({"crop_id": crop_id, "reason": "unknown_taxon",
+                                 "detail": f"provisional name {name!r} is a species under {existing[-2]} already"})
+                continue
             provisional.setdefault((parent_chain, name), []).append((crop_id, batch, item))
         else:
             rows.append(ReviewedRow(crop_id, batch, chain, "partial", item))
