@@ -107,10 +107,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{platform.platform()}; load average {os.getloadavg()[0]:.1f}; {args.backbone} at {args.size} px, JPEGs "
           f"of {args.image_side} px, batch {args.batch_size}, {args.clients} clients, {args.rounds} rounds of "
           f"{args.seconds:g} s, audit_rate {args.audit_rate}")
-    print("\n| queueing | img/s per round | mean img/s | p50 ms (mean) | p99 ms (mean) | errors |\n|---|---|---|---|---|---|")
+    print("\n| queueing | img/s per round | mean img/s | p50 ms (mean) | p99 ms (mean) | errors |")
+    print("|---|---|---|---|---|---|")
     for name in ("off", "on"):
         rows = results[name]
-        print(f"| {name} | {', '.join(f'{r['img_per_s']:,.1f}' for r in rows)} | "
+        per_round = ", ".join(f"{r['img_per_s']:,.1f}" for r in rows)
+        print(f"| {name} | {per_round} | "
               f"{statistics.mean(r['img_per_s'] for r in rows):,.1f} | "
               f"{statistics.mean(r['p50_ms'] for r in rows):.1f} | {statistics.mean(r['p99_ms'] for r in rows):.1f} | "
               f"{sum(len(r['errors']) for r in rows)} |")
