@@ -16,13 +16,14 @@ from PIL import Image
 from taxonet.review import records
 from taxonet.review.queue import ReviewQueueWriter, bounded_jpeg, queue_reason
 from taxonet.serve.config import ReviewQueueArgs, ServeArgs
+from taxonet.serve.predictor import ImageAnswer, ModelRef, RankAnswer
 
 RANKS = ("order", "family", "species")
 
 
-def answer(lowest: str | None) -> dict:
-    return {"ranks": {rank: {"label": f"{rank}-x", "reliable": True, "top_k": []} for rank in RANKS},
-            "lowest_reliable_rank": lowest, "lowest_reliable_label": None, "consistent": True}
+def answer(lowest: str | None) -> ImageAnswer:
+    return ImageAnswer(ranks={rank: RankAnswer([], f"{rank}-x", 1.0, True, None) for rank in RANKS},
+                       lowest_reliable_rank=lowest, lowest_reliable_label=None, consistent=True)
 
 
 def photo(seed: int, size: tuple[int, int] = (64, 48), fmt: str = "PNG") -> bytes:
@@ -60,8 +61,8 @@ def test_policy_queues_unsure_answers_and_an_audit_share_of_sure_ones() -> None:
 def test_batches_are_written_on_size_on_interval_and_at_close(tmp_path: Path) -> None:
     writer = ReviewQueueWriter(settings(tmp_path, batch_size=3, flush_interval_s=3600, audit_rate=0.0)).start()
     for i in range(7):
-        assert writer.offer(photo(i), answer("family"), {"name": "m", "version": "2"}, "cam-1") == "unsure"
-    assert writer.offer(photo(99), answer("species"), {"name": "m", "version": "2"}) is None
+        assert writer.offer(photo(i), answer("family"), ModelRef("m", "2"), "cam-1") == "unsure"
+    assert writer.offer(photo(99), answer("species"), ModelRef("m", "2")) is None
     wait_for(lambda: len(records.list_queue_batches(settings(tmp_path).uri)) == 2)  # 3 + 3, the 7th waits
     writer.close()
     batches = records.list_queue_batches(settings(tmp_path).uri)

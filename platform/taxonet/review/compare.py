@@ -34,7 +34,7 @@ from taxonet.data.dataset import DatasetInfo, format_table
 from taxonet.data.reviewed import REVIEW_SOURCE, ReviewedOptions, plan_reviewed, reviewed_rows
 from taxonet.errors import DatasetError
 from taxonet.metrics import rank_metrics
-from taxonet.predictor import Predictor
+from taxonet.serve.predictor import Predictor
 from taxonet.taxonomy import Taxonomy
 
 #: macro F1 a new model may lose on known species, per rank, and still pass
@@ -161,7 +161,7 @@ def score(predictor: Predictor, reference: str, known_images: Sequence[bytes],
     known: dict[str, dict[str, float]] = {}
     for level, rank in enumerate(ranks):
         truth = [chain[level] for chain in known_chains]
-        guess = [answer["ranks"][rank]["label"] for answer in answers]
+        guess = [answer.ranks[rank].label for answer in answers]
         names = {name: i for i, name in enumerate(sorted({*truth, *(g for g in guess if g is not None)}))}
         metrics = rank_metrics(np.array([names[t] for t in truth], dtype=np.int64),
                                np.array([names.get(g, len(names)) for g in guess], dtype=np.int64)) \
@@ -172,8 +172,8 @@ def score(predictor: Predictor, reference: str, known_images: Sequence[bytes],
     for row, answer in zip(reviewed, reviewed_answers):
         chain = row["labels"]
         level = max(i for i, name in enumerate(chain) if name is not None)
-        right = all(answer["ranks"][ranks[i]]["label"] == chain[i] for i in range(level + 1))
-        lowest = answer.get("lowest_reliable_rank")
+        right = all(answer.ranks[ranks[i]].label == chain[i] for i in range(level + 1))
+        lowest = answer.lowest_reliable_rank
         reaches = lowest is not None and ranks.index(lowest) >= level
         correct += right
         reliable += right and reaches

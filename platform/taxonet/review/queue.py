@@ -35,6 +35,7 @@ from taxonet.data.transforms import ImageDecodeError, decode_image
 from taxonet.review import records
 from taxonet.review.records import QueueItem
 from taxonet.serve.config import ReviewQueueArgs
+from taxonet.serve.predictor import ImageAnswer, ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,22 @@ RECENT_IDS = 4096
 CountHook = Callable[[int, str], None]
 
 
-def queue_reason(answer: Mapping[str, Any], audit_rate: float, rng: random.Random) -> str | None:
+Answer = ImageAnswer | Mapping[str, Any]
+
+
+def _lowest_and_deepest(answer: Answer) -> tuple[str | None, str | None]:
+    if isinstance(answer, ImageAnswer):
+        ranks, lowest = answer.ranks, answer.lowest_reliable_rank
+    else:
+        ranks, lowest = answer.get("ranks") or {}, answer.get("lowest_reliable_rank")
+    return lowest, next(reversed(ranks), None) if ranks else None
+
+
+def queue_reason(answer: Answer, audit_rate: float, rng: random.Random) -> str | None:
     """"unsure" when the answer's lowest reliable rank is above the deepest rank, "audit" for a random share
     ``audit_rate`` of the rest, else None (not queued)."""
-    ranks = answer.get("ranks") or {}
-    deepest = next(reversed(ranks), None) if ranks else None
-    if deepest is None or answer.get("lowest_reliable_rank") != deepest:
+    lowest, deepest = _lowest_and_deepest(answer)
+    if deepest is None or lowest != deepest:
         return "unsure"
     if audit_rate > 0 and rng.random() < audit_rate:
         return "audit"
@@ -128,7 +139,7 @@ class ReviewQueueWriter:
             self._thread.start()
         return self
 
-    def offer(self, data: bytes, answer: Mapping[str, Any], model: Mapping[str, Any] | None = None,
+    def offer(self, data: bytes, answer: Answer, model: ModelRef | None = None,
               source: str | None = None) -> str | None:
         """Queue one answered crop if the policy wants it; returns the reason it was queued, else None.
 
@@ -151,10 +162,11 @@ class ReviewQueueWriter:
             if full:
                 self._count(self.dropped, self._on_dropped, 1, "full")
                 return None
-            model = model or {}
-            pending = _Pending(data=data, reason=reason, answer=json.dumps(dict(answer), sort_keys=True),
-                               model=str(model.get("name", "")), model_version=str(model.get("version", "")),
-                               lowest_reliable_rank=answer.get("lowest_reliable_rank"),
+            fields = answer.to_dict() if isinstance(answer, ImageAnswer) else dict(answer)
+            fields.pop("filename", None)
+            pending = _Pending(data=data, reason=reason, answer=json.dumps(fields, sort_keys=True),
+                               model=model.name if model else "", model_version=model.version if model else "",
+                               lowest_reliable_rank=_lowest_and_deepest(answer)[0],
                                source=records.sanitize_source(source), queued_at=records.utc_now())
             try:
                 self._queue.put_nowait(pending)
