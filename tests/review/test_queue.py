@@ -157,3 +157,19 @@ def test_serve_args_take_a_review_queue_section_and_refuse_typos() -> None:
         ServeArgs.model_validate({"checkpoint": "x", "review_queue": {"uri": "q", "audit_rat": 0.1}})
     with pytest.raises(ValueError):
         ServeArgs.model_validate({"checkpoint": "x", "review_queue": {"uri": "q", "audit_rate": 2}})
+
+
+def test_a_bounded_plain_jpeg_is_kept_as_sent_and_metadata_is_never_stored() -> None:
+    image = Image.open(io.BytesIO(photo(3, size=(60, 40)))).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    plain = buffer.getvalue()
+    assert bounded_jpeg(plain, 128, 65536, 90) == (plain, 60, 40)  # no second encode
+    exif = Image.Exif()
+    exif[0x010F] = "camera maker"  # any EXIF tag: a real camera's may hold the site's location
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, exif=exif)
+    stored, width, height = bounded_jpeg(buffer.getvalue(), 128, 65536, 90)
+    assert stored != buffer.getvalue() and (width, height) == (60, 40)
+    assert "exif" not in Image.open(io.BytesIO(stored)).info
+    assert bounded_jpeg(plain, 32, 65536, 90)[1:] == (32, 21)  # over max_side: re-encoded smaller

@@ -5,7 +5,7 @@ microseconds whether the crop is queued — every answer whose lowest reliable r
 ("unsure"), plus a random share of the sure ones ("audit") — and puts the request's bytes on a bounded in-memory
 queue. It never blocks and never raises: when the queue is full (``max_items`` crops or ``max_memory_bytes`` bytes)
 the crop is dropped and counted. A daemon thread takes the crops off the queue, re-encodes each as a JPEG of
-bounded side and size, names it by the sha256 of the bytes the client sent (so ``prepare --add-reviewed`` can
+bounded side and size (a plain JPEG already within the bounds, without metadata, is kept as sent), names it by the sha256 of the bytes the client sent (so ``prepare --add-reviewed`` can
 deduplicate it against a dataset, whose ``sha256`` column hashes the original files the same way) and writes a
 batch with :func:`taxonet.review.records.write_queue_batch` — one whole Parquet object — when ``batch_size`` crops
 are waiting, when the oldest has waited ``flush_interval_s``, and at :meth:`close`.
@@ -73,6 +73,8 @@ def bounded_jpeg(data: bytes, max_side: int, max_bytes: int, quality: int) -> tu
     """The image re-encoded as baseline RGB JPEG, longer side ≤ ``max_side`` (never upscaled), at most
     ``max_bytes``: the quality steps down to 50, then the side halves, until it fits. Returns (jpeg, width, height).
     Raises ImageDecodeError for bytes that do not decode (the ingress validated them, so only a bug gets here)."""
+    if len(data) <= max_bytes and _plain_jpeg_within(data, max_side):
+        return data, *Image.open(io.BytesIO(data)).size  # already a bounded JPEG: kept as sent (no second encode)
     image = decode_image(data, draft_size=max_side)
     side = max_side
     while True:
@@ -93,11 +95,26 @@ def bounded_jpeg(data: bytes, max_side: int, max_bytes: int, quality: int) -> tu
         side = max(16, max(image.size) // 2)
 
 
+#: what PIL reports of a JPEG with nothing but pixels (no EXIF, XMP, comment, ICC profile or thumbnail)
+_PLAIN_JPEG_INFO = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "adobe", "adobe_transform"}
+
+
+def _plain_jpeg_within(data: bytes, max_side: int) -> bool:
+    """A baseline RGB/greyscale JPEG no larger than ``max_side`` that carries no metadata (camera EXIF may hold a
+    location): storing it as sent is then as safe as re-encoding it, and costs nothing. Reads the header only."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return (image.format == "JPEG" and image.mode in ("RGB", "L") and max(image.size) <= max_side
+                    and not image.info.get("progressive") and set(image.info) <= _PLAIN_JPEG_INFO)
+    except Exception:  # not decodable here: the full path below reports it
+        return False
+
+
 @dataclass
 class _Pending:
     data: bytes = field(repr=False)
     reason: str
-    answer: str
+    answer: Answer = field(repr=False)
     model: str
     model_version: str
     lowest_reliable_rank: str | None
@@ -162,9 +179,7 @@ class ReviewQueueWriter:
             if full:
                 self._count(self.dropped, self._on_dropped, 1, "full")
                 return None
-            fields = answer.to_dict() if isinstance(answer, ImageAnswer) else dict(answer)
-            fields.pop("filename", None)
-            pending = _Pending(data=data, reason=reason, answer=json.dumps(fields, sort_keys=True),
+            pending = _Pending(data=data, reason=reason, answer=answer,  # serialised by the writer thread
                                model=model.name if model else "", model_version=model.version if model else "",
                                lowest_reliable_rank=_lowest_and_deepest(answer)[0],
                                source=records.sanitize_source(source), queued_at=records.utc_now())
@@ -240,8 +255,10 @@ class ReviewQueueWriter:
             except ImageDecodeError:
                 self._count(self.dropped, self._on_dropped, 1, "undecodable")
                 continue
+            fields = entry.answer.to_dict() if isinstance(entry.answer, ImageAnswer) else dict(entry.answer)
+            fields.pop("filename", None)
             items.append(QueueItem(crop_id=crop_id, reason=entry.reason, jpeg=jpeg, width=width, height=height,
-                                   answer=entry.answer, model=entry.model, model_version=entry.model_version,
+                                   answer=json.dumps(fields, sort_keys=True), model=entry.model, model_version=entry.model_version,
                                    lowest_reliable_rank=entry.lowest_reliable_rank, source=entry.source,
                                    queued_at=entry.queued_at))
         if not items:
