@@ -1,4 +1,5 @@
-"""Running a checkpoint over a prepared dataset: load it (local, file:// or s3://), read the Parquet split(s),
+"""Running a checkpoint over a prepared dataset: load it (local, file:// or s3://; verified: manifest, every file's
+sha256, nothing unlisted), read the Parquet split(s),
 collect the model's logits, and hand them to :func:`taxonet.evaluate.report.build_report`."""
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def run_evaluation(checkpoint_uri: str, dataset_uri: str, *, split: str = "test"
     if split not in info.splits:
         raise DatasetError(f"dataset {dataset_uri} has no split {split!r}; splits are {list(info.splits)}")
     unseen_info = DatasetInfo.load(unseen_uri) if unseen_uri else None  # fail on a bad URI before any model work
-    loaded = load_checkpoint(checkpoint_uri, device=torch_device)
+    # verified as a whole (every listed file's sha256, no unlisted file): a report names what it evaluated
+    loaded = load_checkpoint(checkpoint_uri, device=torch_device, strict=True)
     taxonomy = loaded.taxonomy
     _check_dataset_fits(info, taxonomy, [split], dataset_uri)
     if unseen_info is not None:
