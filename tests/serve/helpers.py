@@ -143,9 +143,12 @@ def check_answer(answer: dict[str, Any], taxonomy: Any, top_k: int) -> None:
         return all(taxonomy.parents[lv][chain[lv]] == chain[lv - 1] for lv in range(1, level + 1))
 
     # METHOD.md: level L is reliable when L and its parent rank are sure and the chain down to L is consistent;
-    # the lowest reliable rank is the deepest such level
+    # the lowest reliable rank is the deepest such level. The authors' strict rule (anomaly.chain_rule, default):
+    # a predicted chain that is not a path of the taxonomy is unsure at every rank.
     expected = max((lv for lv in range(taxonomy.depth)
                     if reliable[lv] and (lv == 0 or reliable[lv - 1]) and chain_ok(lv)), default=None)
+    if not chain_ok(taxonomy.depth - 1):
+        expected = None
     assert answer["lowest_reliable_rank"] == (None if expected is None else taxonomy.ranks[expected])
     expected_label = None if expected is None else answer["ranks"][taxonomy.ranks[expected]]["label"]
     assert answer["lowest_reliable_label"] == expected_label

@@ -259,7 +259,8 @@ def fit_thresholds(model: nn.Module, batches: Iterable[Batch], taxonomy: Taxonom
                    anomaly: AnomalyConfig, *, amp: bool = True, channels_last: bool = True) -> AnomalyThresholds:
     """Fit the per-(rank, class) N(μ, σ) thresholds on the given (training) batches with the model in eval mode."""
     logits, targets = collect_logits(model, batches, device, amp=amp, channels_last=channels_last)
-    return AnomalyThresholds.fit(taxonomy, logits, targets, k=anomaly.k, min_samples=anomaly.min_samples)
+    return AnomalyThresholds.fit(taxonomy, logits, targets, k=anomaly.k, min_samples=anomaly.min_samples,
+                                 chain_rule=anomaly.chain_rule, round_tau=anomaly.round_tau)
 
 
 def _gather_ranks(logits: dict[str, np.ndarray], targets: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
