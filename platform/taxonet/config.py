@@ -43,6 +43,9 @@ class ModelConfig:
     hidden: int = 512
     #: single-task baseline: only a head for the last rank (the paper's "species only" models)
     single_task: bool = False
+    #: fine-tune: a checkpoint URI or registry reference (MODELS/NAME@ALIAS, MODELS/NAME@N) whose weights initialise
+    #: the whole model; its taxonomy and architecture must match this run's (a taxonomy change needs a full run)
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)

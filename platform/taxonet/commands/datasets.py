@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "fewer levels or words = a partial label) or a CSV/Parquet table with columns path, "
                     "<one per rank>[, split, source]. DST receives shards/part-*.parquet and dataset.json (last).",
     )
-    prepare.add_argument("src", metavar="SRC", help="image folder or .csv/.parquet table, local or s3://")
+    prepare.add_argument("src", metavar="SRC", help="image folder or .csv/.parquet table, local or s3:// (with "
+                         "--add-reviewed: the base dataset)")
     prepare.add_argument("dst", metavar="DST", help="output prefix, local directory or s3://bucket/prefix")
     prepare.add_argument("--taxonomy", metavar="FILE",
                          help="taxonomy YAML/JSON/CSV (local or s3://) or 'demo'; default: inferred from the labels")
@@ -29,6 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="worker processes for decoding and resizing (default: all cores; 0 = none)")
     prepare.add_argument("--overwrite", action="store_true",
                          help="replace a dataset already at DST (it stays readable until the new one is complete)")
+    prepare.add_argument("--add-reviewed", metavar="LABELS",
+                         help="build the next dataset version: SRC (a prepared dataset) plus the crops reviewed in "
+                              "LABELS (review decisions, local or s3://); needs --queue")
+    prepare.add_argument("--queue", metavar="QUEUE", help="the review queue the reviewed crops come from")
+    prepare.add_argument("--min-new-species", type=int, default=argparse.SUPPRESS, metavar="N",
+                         help="crops a provisional species needs to become a class (default 10); fewer join as "
+                              "partial labels under its parent and are listed")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
     prepare.set_defaults(handler=_prepare)
 
@@ -66,6 +74,20 @@ def _prepare(args: argparse.Namespace) -> int:
     options = PrepareOptions(max_side=args.max_side, shard_size=args.shard_size, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
                              overwrite=args.overwrite, progress=not args.no_progress)
+    if args.add_reviewed or args.queue:
+        from taxonet.data.reviewed import ReviewedOptions, add_reviewed
+        from taxonet.errors import DatasetError
+
+        if not (args.add_reviewed and args.queue):
+            raise DatasetError("--add-reviewed LABELS and --queue QUEUE go together")
+        if args.taxonomy:
+            raise DatasetError("--taxonomy does not apply with --add-reviewed: the base dataset's taxonomy is "
+                               "extended by the reviewed provisional species")
+        given = {"min_new_species_images": args.min_new_species} if hasattr(args, "min_new_species") else {}
+        reviewed = add_reviewed(args.src, args.dst, queue=args.queue, labels=args.add_reviewed, options=options,
+                                reviewed=ReviewedOptions(**given))
+        print(reviewed.format_summary())
+        return 0
     result = prepare_dataset(args.src, args.dst, taxonomy=load_taxonomy(args.taxonomy), options=options)
     print(result.format_summary())
     return 0

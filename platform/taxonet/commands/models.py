@@ -1,4 +1,5 @@
-"""CLI verbs of the model registry: ``taxonet models list|show|verify|publish|promote|rollback|stage-weights``."""
+"""CLI verbs of the model registry: ``taxonet models list|show|verify|publish|promote|rollback|compare|
+stage-weights``."""
 
 from __future__ import annotations
 
@@ -51,6 +52,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rollback.add_argument("--alias", required=True, metavar="ALIAS")
     rollback.set_defaults(handler=_rollback)
 
+    compare = verbs.add_parser(
+        "compare", help="evaluate OLD and NEW side by side (known species + reviewed crops); promote NEW if better",
+        description="Both models answer the dataset's test split (species both know) and its reviewed crops held "
+                    "out from training. The gate passes when NEW's macro F1 on known species is not worse than "
+                    "OLD's by more than --tolerance at any rank and NEW is reliably right at the reviewer's rank "
+                    "on more reviewed crops. Exit 0 when it passes, 1 when it does not.")
+    compare.add_argument("old", metavar="OLD", help="the model in service: MODELS/NAME@ALIAS, MODELS/NAME@N or a URI")
+    compare.add_argument("new", metavar="NEW", help="the candidate: MODELS/NAME@N (for --promote) or a URI")
+    compare.add_argument("--dataset", required=True, metavar="URI", help="dataset made by prepare --add-reviewed")
+    compare.add_argument("--reviewed", metavar="LABELS",
+                         help="also compare on crops reviewed in LABELS that the dataset does not hold")
+    compare.add_argument("--tolerance", type=float, default=argparse.SUPPRESS, metavar="F",
+                         help="macro F1 NEW may lose per rank on known species (default 0.02)")
+    compare.add_argument("--promote", metavar="ALIAS", help="move ALIAS to NEW when the gate passes")
+    compare.add_argument("--allow-taxonomy-change", action="store_true",
+                         help="with --promote: NEW may name classes OLD did not (new species from review)")
+    compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    compare.set_defaults(handler=_compare)
+
     stage = verbs.add_parser(
         "stage-weights", help="copy a backbone's ImageNet weights to storage once, for clusters without internet",
         description="Downloads torchvision's ImageNet weights for BACKBONE (run it where there is internet access) "
@@ -64,6 +84,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "downloading")
     stage.set_defaults(handler=_stage_weights)
     models.set_defaults(handler=lambda args: models.print_help() or 2)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from taxonet.review.compare import compare_models
+
+    given = {"tolerance": args.tolerance} if hasattr(args, "tolerance") else {}
+    comparison = compare_models(args.old, args.new, args.dataset, reviewed_labels=args.reviewed,
+                                promote=args.promote, allow_taxonomy_change=args.allow_taxonomy_change, **given)
+    print(json.dumps(comparison.to_dict(), indent=2, default=str) if args.json else comparison.format_report())
+    return 0 if comparison.passed else 1
 
 
 def _list(args: argparse.Namespace) -> int:

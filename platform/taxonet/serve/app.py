@@ -38,6 +38,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from taxonet.auth import load_tokens
 from taxonet.data.transforms import ImageDecodeError, TransformSpec, normalize_uint8
 from taxonet.registry import ResolvedModel
+from taxonet.review.queue import ReviewQueueWriter
 from taxonet.serve.config import (DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, MODEL_POLL_S, TOKEN_ENV,
                                   TOKEN_FILE_ENV, ClassifierConfig, IngressSettings, ServeArgs)
 from taxonet.serve.errors import ERROR_RESPONSES, ApiError, install_error_handlers
@@ -50,6 +51,8 @@ from taxonet.serve.predictor import (SERVED_FORMATS, ClassifyResponse, ImageAnsw
 
 log = logging.getLogger("ray.serve")
 
+#: optional client-supplied source id (camera, site) stored with crops queued for review
+SOURCE_HEADER = "x-taxonet-source"
 #: a request whose transform went stale is prepared again at most this many times (rollouts are minutes apart)
 STALE_RETRIES = 3
 #: how long a new classifier replica whose reference was refused waits for a running one to say what it serves
@@ -322,6 +325,14 @@ class TaxonetIngress:
         self._preprocessor_lock = asyncio.Lock()
         #: the classifier's poll interval as last reported (the Retry-After of model_not_ready)
         self._poll_s = MODEL_POLL_S
+        self._review: ReviewQueueWriter | None = None
+        if self._settings.review_queue is not None:
+            self._review = ReviewQueueWriter(self._settings.review_queue, on_queued=self._metrics.review_queued,
+                                             on_dropped=self._metrics.review_dropped).start()
+
+    def __del__(self) -> None:
+        if getattr(self, "_review", None) is not None:
+            self._review.close()  # write the crops still waiting
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.build_api()
@@ -388,6 +399,10 @@ class TaxonetIngress:
                     continue
                 predictions = [dataclasses.replace(answer, filename=upload.filename)
                                for upload, answer in zip(uploads, response.predictions, strict=True)]
+                if self._review is not None:  # non-blocking: a full review queue drops and counts
+                    source = request.headers.get(SOURCE_HEADER)
+                    for upload, answer in zip(uploads, predictions, strict=True):
+                        self._review.offer(upload.data, answer, response.model, source)
                 return dataclasses.replace(response, predictions=predictions)
         raise ApiError(503, "unavailable", "the model's preprocessing kept changing during this request; retry",
                        headers={"Retry-After": str(self._settings.retry_after_s)})

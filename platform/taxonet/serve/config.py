@@ -177,6 +177,36 @@ class ClassifierConfig(BaseModel):
         return cls.model_validate({**base, **user_config})
 
 
+class ReviewQueueArgs(BaseModel):
+    """Where and how the ingress queues crops for expert review (``review_queue:`` of the Serve args; absent = off).
+
+    Every answer whose lowest reliable rank is above the deepest rank is queued ("unsure"), plus a random share
+    ``audit_rate`` of the sure ones ("audit"). Queueing never slows or fails a request: the in-memory queue is
+    bounded (items and bytes), a full queue drops the crop and counts it, and a background thread writes whole
+    batches to ``uri`` (see :mod:`taxonet.review.queue`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: the review queue: local path, file:// or s3:// (batches go to URI/batches/)
+    uri: str = Field(min_length=1)
+    #: share of sure answers queued for auditing the model (0 = none)
+    audit_rate: float = Field(0.01, ge=0.0, le=1.0)
+    #: crops waiting in memory for the writer; beyond this (or max_memory_bytes) new crops are dropped and counted
+    max_items: int = Field(256, ge=1)
+    #: encoded bytes waiting in memory (the request bodies, before re-encoding)
+    max_memory_bytes: int = Field(64 * MIB, ge=1)
+    #: a batch is written when it holds this many crops ...
+    batch_size: int = Field(64, ge=1)
+    #: ... or when its oldest crop has waited this long
+    flush_interval_s: float = Field(30.0, gt=0)
+    #: longer side of the stored JPEG (never upscaled)
+    max_side: int = Field(512, ge=16)
+    #: most bytes of one stored JPEG (quality is lowered, then the side halved, until it fits)
+    max_jpeg_bytes: int = Field(256 * 1024, ge=4096)
+    jpeg_quality: int = Field(90, ge=10, le=100)
+
+
 class IngressSettings(BaseModel):
     """The HTTP side's limits, memory budget and timeouts, per ingress replica (docs/api.md gives the worst-case
     memory of a replica as a formula of these)."""
@@ -204,6 +234,8 @@ class IngressSettings(BaseModel):
     classifier_timeout_s: float = Field(30.0, gt=0)
     #: the Retry-After header (seconds) of a 503 answered under overload
     retry_after_s: int = Field(1, ge=0)
+    #: queue unsure answers (and an audit share of sure ones) for expert review; null = off
+    review_queue: ReviewQueueArgs | None = None
 
     @model_validator(mode="after")
     def _check_budgets(self) -> IngressSettings:

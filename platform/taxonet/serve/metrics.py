@@ -34,6 +34,8 @@ UNSURE = "taxonet_unsure"
 MODEL_INFO = "taxonet_model_info"
 MODEL_READY = "taxonet_model_ready"
 MODEL_LOAD_FAILURES = "taxonet_model_load_failures"
+REVIEW_QUEUED = "taxonet_review_queued"
+REVIEW_DROPPED = "taxonet_review_dropped"
 #: label value of the predictions past the per-rank series limit
 OTHER_LABEL = "other"
 
@@ -47,6 +49,16 @@ class IngressMetrics:
         self.latency = Histogram(STAGE_LATENCY, description="Latency per stage: decode (one image, incl. "
                                  "preprocessing), inference (one batch), total (one classify request)",
                                  boundaries=LATENCY_BOUNDARIES, tag_keys=("stage",))
+        self.review_queued_counter = Counter(REVIEW_QUEUED, description="Crops written to the review queue, by "
+                                             "reason (unsure, audit)", tag_keys=("reason",))
+        self.review_dropped_counter = Counter(REVIEW_DROPPED, description="Crops the review queue dropped, by "
+                                              "reason (full, write_failed, undecodable, closed)", tag_keys=("reason",))
+
+    def review_queued(self, count: int, reason: str) -> None:
+        self.review_queued_counter.inc(count, tags={"reason": reason})
+
+    def review_dropped(self, count: int, reason: str) -> None:
+        self.review_dropped_counter.inc(count, tags={"reason": reason})
 
     def request(self, route: str, status: int) -> None:
         self.requests.inc(1, tags={"route": route, "status": str(status)})

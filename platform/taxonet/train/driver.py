@@ -31,8 +31,8 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
-from taxonet import storage
-from taxonet.checkpoint import materialize, publish_checkpoint
+from taxonet import registry, storage
+from taxonet.checkpoint import materialize, publish_checkpoint, require_compatible
 from taxonet.config import RunConfig
 from taxonet.data.dataset import DatasetInfo
 from taxonet.data.pipeline import Collator, iter_parquet_batches
@@ -72,6 +72,9 @@ def run_training(config: RunConfig) -> TrainingResult:
     check_publish_target(config)
     storage_path, filesystem = _storage_for_ray(config.train.storage)
     _check_resume(config, info.taxonomy, storage_path, filesystem)
+    if config.model.init_from:  # fail here, before any worker starts, when the fine-tune source does not fit
+        require_compatible(registry.resolve(config.model.init_from).uri, config, info.taxonomy,
+                           action="fine-tune from")
     # one progress bar per split and epoch from Ray Data's coordinators drowns the per-epoch summary lines
     ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("TAXONET_DATA_PROGRESS"))
     datasets = {}

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from taxonet import storage
+from taxonet import registry, storage
 from taxonet.anomaly import AnomalyThresholds
 from taxonet.checkpoint import load_checkpoint, read_verified, require_compatible, save_checkpoint
 from taxonet.config import AnomalyConfig, ModelConfig, OptimConfig, RunConfig
@@ -77,6 +77,22 @@ def pretrained_weights(model: ModelConfig) -> dict[str, torch.Tensor] | BinaryIO
         return io.BytesIO(storage.read_bytes(model.weights))
     except FileNotFoundError as exc:
         raise WeightsUnavailableError(f"weights file {model.weights!r} not found") from exc
+
+
+def initial_weights(config: RunConfig, taxonomy: Taxonomy) -> dict[str, torch.Tensor] | None:
+    """The whole model's starting weights from ``model.init_from`` (fine-tuning), or None when it is not set.
+
+    The checkpoint (a URI or a registry reference, resolved now) must have this run's taxonomy — the same classes in
+    the same order under the same parents, so head rows keep their meaning — and architecture; otherwise a
+    CheckpointError lists every difference (a changed taxonomy needs a full run).
+    """
+    reference = config.model.init_from
+    if not reference:
+        return None
+    uri = registry.resolve(reference).uri
+    loaded = load_checkpoint(uri, device="cpu", strict=True)
+    require_compatible(loaded, config, taxonomy, action="fine-tune from")
+    return loaded.model.state_dict()
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
@@ -356,10 +372,14 @@ def build_training(config: RunConfig, taxonomy: Taxonomy, device: torch.device, 
     ``resume``."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    # a resumed run gets its weights from the resume state: no pretrained download then
-    model = build_model(config.model, taxonomy, pretrained_weights(config.model) if resume is None else None)
+    # a resumed run gets its weights from the resume state, a fine-tune from model.init_from: no pretrained download
+    initial = initial_weights(config, taxonomy) if resume is None else None
+    fresh = resume is None and initial is None
+    model = build_model(config.model, taxonomy, pretrained_weights(config.model) if fresh else None)
     if resume is not None:
         model.load_state_dict(resume.model)
+    elif initial is not None:
+        model.load_state_dict(initial)
     model = prepare_model(model) if prepare_model else model.to(device)
     if device.type == "cuda" and config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
