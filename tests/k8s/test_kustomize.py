@@ -346,7 +346,7 @@ def test_checks_reject_broken_manifests(docs, schemas_dir, ray_version: str) -> 
         "typo minReplica": _mutate(job, lambda d: job_groups(d)[0].update(minReplica=1)),
         "string replicas": _mutate(job, lambda d: job_groups(d)[0].update(replicas="2")),
         "rule without expr": _mutate(only(docs["gpu"], "PrometheusRule"),
-                                     lambda d: d["spec"]["groups"][1]["rules"][0].pop("expr")),
+                                     lambda d: d["spec"]["groups"][0]["rules"][-1].pop("expr")),
     }
     for case, doc in schema_cases.items():
         assert checks.schema_errors(doc, schemas_dir), f"schema check missed: {case}"
