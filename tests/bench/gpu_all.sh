@@ -6,8 +6,8 @@
 #
 # Before the call, on the CPU machine (once): bash tests/bench/gpu_pack_ray.sh 3.12   (WITH_SERVE=1 adds Ray Serve)
 # and `.raypack` in .git/info/exclude; then the device call, with carry [".raypack"]:
-#   bash tests/bench/gpu_all.sh                 # train + serve + summary
-#   bash tests/bench/gpu_all.sh train           # a subset of: train serve summary smoke loop predictor
+#   bash tests/bench/gpu_all.sh                 # train + serve + decode + summary
+#   bash tests/bench/gpu_all.sh train           # a subset of: train serve decode summary smoke loop predictor
 # Every part runs under its own timeout, so one failing part still leaves the others' numbers.
 # SMOKE=1 runs the same parts on a CPU with tiny settings (tests/integration/test_gpu_all_smoke.py).
 set -u
@@ -20,7 +20,7 @@ if [ -f "$bundle" ] && [ ! -d /tmp/raysite/ray ]; then
   mkdir -p /tmp/raysite && tar -xJf "$bundle" -C /tmp/raysite
 fi
 export PYTHONPATH=/tmp/raysite:$root/platform:$root
-parts=${*:-train serve summary}
+parts=${*:-train serve decode summary}
 out=${OUT:-/tmp/taxonet-gpu}
 mkdir -p "$out"
 {
@@ -45,6 +45,11 @@ mkdir -p "$out"
                       --seconds 2 --ingress-replicas auto --num-cpus 4)
         fi
         timeout 180 "$python" tests/bench/bench_serve.py "${serve_args[@]}" --json "$out/serve.json" ;;
+      decode)
+        echo "## decode + augment rate of the two data paths (PIL threads vs DeviceCollator), 128 and 256 px crops"
+        decode_args=(--device cuda --batch 512 --batches 10)
+        if [ "${SMOKE:-0}" = 1 ]; then decode_args=(--device cpu --batch 16 --batches 1 --threads 1); fi
+        timeout 120 "$python" tests/bench/gpu_decode.py "${decode_args[@]}" ;;
       summary)
         "$python" - "$out" <<'PY'
 import json, sys
@@ -79,7 +84,7 @@ PY
       predictor)
         echo "## in-process predictor, ResNet50-MTL 224 px"
         timeout 150 "$python" tests/bench/gpu_predictor.py --batch-sizes 128,256,512 --batches 25 ;;
-      *) echo "unknown part $part (train serve summary smoke loop predictor)"; exit 2 ;;
+      *) echo "unknown part $part (train serve decode summary smoke loop predictor)"; exit 2 ;;
     esac
   done
 } 2>&1 | tee "$out/gpu_bench.log"

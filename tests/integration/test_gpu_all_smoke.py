@@ -1,7 +1,7 @@
 """The one prepared GPU script keeps working: ``SMOKE=1 bash tests/bench/gpu_all.sh`` runs its training part
 (`taxonet train` with both data.decode modes next to the anchor, tiny model on the CPU), its serving part
 (bench_serve.py with the GPU mode's flags on the CPU: scaled ingress replicas, real HTTP through Ray Serve beside
-the in-process predictor) and prints the summary table from what they wrote."""
+the in-process predictor), its decode part (gpu_decode.py) and prints the summary table from what they wrote."""
 
 from __future__ import annotations
 
@@ -36,3 +36,5 @@ def test_gpu_all_smoke_on_cpu(tmp_path: Path) -> None:
         assert float(row.split("|")[2].replace(",", "")) > 0
     serve = json.loads((tmp_path / "serve.json").read_text())
     assert serve["rows"][0]["errors"] == 0
+    decode_rows = [line for line in log.splitlines() if line.startswith(("| 128 |", "| 256 |"))]
+    assert len(decode_rows) == 2, log[-3000:]  # the decode part: both data paths on 128 and 256 px crops
