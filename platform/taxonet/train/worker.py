@@ -117,4 +117,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.info("resuming from epoch %d (best val_loss %.4f)", resume.epoch + 1, resume.best_loss)
     device = get_device()  # Ray
     fit(config, taxonomy, ShardData(config, taxonomy, device, rank),
-        ReportToRayTrain(rank, taxonomy, config.optim.epochs), device=device, resume=resume, seed_offset=rank, prepare_model=prepare_model)  # Ray: DDP placement
+        ReportToRayTrain(rank, taxonomy, config.optim.epochs), device=device, resume=resume, seed_offset=rank,
+        prepare_model=prepare_model)  # Ray: DDP placement
