@@ -3,7 +3,7 @@
 A Serve replica is one process: its request handling (Ray's task plumbing, Serve's router probes, metrics) runs in
 Python threads beside the thread that runs the model. An eager PyTorch forward pass returns to Python between every
 op and must take the GIL back each time; when another thread holds it, the forward waits (up to the interpreter's
-switch interval per hand-over). A frozen TorchScript graph (``taxonet.predictor.freeze_for_cpu``) runs op to op in
+switch interval per hand-over). A frozen TorchScript graph (``taxonet.serve.predictor.freeze_for_cpu``) runs op to op in
 C++ and releases the GIL for the whole pass.
 
 Measures ms per image of a batched forward pass (one torch thread), eager vs graph, while another thread of the same
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from taxonet.config import load_config
     from taxonet.models import build_model
-    from taxonet.predictor import freeze_for_cpu
+    from taxonet.serve.predictor import freeze_for_cpu
     from taxonet.taxonomy import Taxonomy
 
     torch.set_num_threads(1)

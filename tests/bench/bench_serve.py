@@ -1,6 +1,6 @@
 """Serving overhead on the CPU: HTTP throughput and latency through Ray Serve vs the in-process predictor.
 
-One run, one machine: builds (or takes) a checkpoint, measures the in-process :class:`taxonet.predictor.Predictor`
+One run, one machine: builds (or takes) a checkpoint, measures the in-process :class:`taxonet.serve.predictor.Predictor`
 on encoded JPEGs at ``--batch-size`` (decode + eval transform + batched forward + answers, one thread — what one
 replica does), then deploys ``taxonet.serve.app:app_builder`` on an embedded local Ray with the same
 ``max_batch_size`` and drives ``POST /v1/classify`` from ``--concurrency`` loopback clients (one image per request,
@@ -84,7 +84,7 @@ def load_predictor(checkpoint: Path, threads: int, graph: bool = True, device: s
     """The in-process predictor, loaded (and frozen into a graph) once per run, on ``threads`` torch threads."""
     import torch
 
-    from taxonet.predictor import Predictor
+    from taxonet.serve.predictor import Predictor
 
     torch.set_num_threads(threads)
     return Predictor.from_checkpoint(str(checkpoint), device=device, graph=graph)

@@ -1,6 +1,6 @@
 """Inference throughput of the taxonet predictor on one GPU — JPEG bytes in, predictions out, WITHOUT Ray.
 
-This is exactly what a ``TaxonetClassifier`` replica runs (``taxonet.predictor.Predictor``: bf16 autocast,
+This is exactly what a ``TaxonetClassifier`` replica runs (``taxonet.serve.predictor.Predictor``: bf16 autocast,
 channels_last, per-rank top-k, anomaly test, lowest reliable rank, JSON-ready answers), measured in raw PyTorch so it
 runs on a bare GPU box that has PyTorch, torchvision, Pillow, NumPy, SciPy and PyYAML but not Ray or FastAPI.
 Model: ResNet50-MTL (3 rank heads, random init) at 224 px. Images: pre-resized JPEG crops (the prepared-dataset
@@ -8,10 +8,8 @@ layout, ``--source-side`` px) or photos (``--source-side 800``). Modes:
 
 * ``model``      — forward pass only on ready tensors (the GPU ceiling; ENVIRONMENT.md anchor 12,734 img/s);
 * ``tensors``    — ``predict_tensors`` on ready tensors: forward + answers (top-k, anomaly test, dicts);
-* ``cpu-decode`` — PIL decode + eval transform in a thread pool, then the GPU batch, streamed
-                   (``predict_stream``: decoding batch i+1 overlaps the forward pass of batch i);
-* ``gpu-decode`` — nvjpeg (``torchvision.io.decode_jpeg``) + resize and normalisation on the GPU
-                   (``preprocess_jpeg_on_device``), streamed likewise. Target: ≥ 5,000 img/s on one H100.
+* ``cpu-decode`` — PIL decode + resize to uint8 in a thread pool (what the ingress does), then the GPU batch
+                   (normalised on the device, as the classifier does); the next batch is decoded while this one runs.
 
 Every mode is run at each ``--batch-sizes`` value; the script prints a Markdown table of img/s and batch latency.
 
@@ -40,10 +38,10 @@ from taxonet.anomaly import AnomalyThresholds, ClassThreshold
 from taxonet.config import ModelConfig
 from taxonet.data.transforms import TransformSpec
 from taxonet.models import build_model
-from taxonet.predictor import Predictor
+from taxonet.serve.predictor import Predictor
 from taxonet.taxonomy import Taxonomy
 
-MODES = ("model", "tensors", "cpu-decode", "gpu-decode")
+MODES = ("model", "tensors", "cpu-decode")
 
 
 def make_jpegs(count: int, side: int, seed: int = 0) -> list[bytes]:
@@ -108,8 +106,8 @@ def time_batches(run_batch: Callable[[int], object], batches: int, warmup: int,
 
 def bench(predictor: Predictor, mode: str, jpegs: list[bytes], batch_size: int, batches: int, warmup: int,
           decode_threads: int) -> list[float]:
-    """Seconds per batch. Decode modes stream: the next batch is decoded and launched while the host builds the
-    current batch's answers (``Predictor.predict_stream``), and each batch's time is the interval between answers."""
+    """Seconds per batch. ``cpu-decode`` decodes batch i+1 in the pool while batch i runs, and each batch's time is
+    the interval between answers."""
     device = predictor.device
 
     def chunk(step: int) -> list[bytes]:
@@ -117,26 +115,27 @@ def bench(predictor: Predictor, mode: str, jpegs: list[bytes], batch_size: int, 
         return [jpegs[(start + i) % len(jpegs)] for i in range(batch_size)]
 
     if mode in ("model", "tensors"):
-        ready = predictor.preprocess_jpeg_on_device(chunk(0)) if device.type == "cuda" else \
-            torch.stack([predictor.preprocess(data) for data in chunk(0)])
+        ready = torch.stack([predictor.preprocessor.decode_uint8(data) for data in chunk(0)])
         if mode == "model":
             return time_batches(lambda step: predictor.logits(ready), batches, warmup, device)
         return time_batches(lambda step: predictor.predict_tensors(ready), batches, warmup, device)
     with ThreadPoolExecutor(max(1, decode_threads)) as pool:
-        def decoded(step: int) -> torch.Tensor:
-            if mode == "gpu-decode":
-                return predictor.preprocess_jpeg_on_device(chunk(step))
-            return torch.stack(list(pool.map(predictor.preprocess, chunk(step))))
+        def decode(step: int) -> torch.Tensor:
+            return torch.stack(list(pool.map(predictor.preprocessor.decode_uint8, chunk(step))))
 
-        stream = predictor.predict_stream(decoded(step) for step in range(warmup + batches))
-        for _ in range(warmup):
-            next(stream)
-        seconds, last = [], time.perf_counter()
-        for answers in stream:
+        seconds: list[float] = []
+        pending = pool.submit(decode, 0)
+        last = time.perf_counter()
+        for step in range(warmup + batches):
+            batch = pending.result()
+            pending = pool.submit(decode, step + 1)
+            answers = predictor.predict_tensors(batch)
             assert len(answers) == batch_size
             now = time.perf_counter()
-            seconds.append(now - last)
+            if step >= warmup:
+                seconds.append(now - last)
             last = now
+        pending.result()
     return seconds
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from taxonet.predictor import Predictor
+from taxonet.serve.predictor import Predictor
 from taxonet.taxonomy import Taxonomy
 
 from .helpers import SMALL, animated_gif, check_answer, deploy, encode, odd_images, png_bomb, replica_names, wait_for
@@ -33,8 +33,11 @@ pytestmark = pytest.mark.integration
 APP = "taxonet-api"
 PREFIX = "/api"
 TOKEN = "test-token-3f9a"
+#: a second token accepted at the same time (a rotation in progress)
+NEXT_TOKEN = "next-token-81c2"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-LIMITS = {"max_image_bytes": 200_000, "max_files": 4, "max_request_bytes": 1_000_000, "max_image_pixels": 4_000_000}
+LIMITS = {"max_image_bytes": 200_000, "max_files": 4, "max_request_bytes": 1_000_000, "max_image_pixels": 4_000_000,
+          "max_request_pixels": 10_000_000, "decode_pixel_budget": 4_000_000, "max_concurrent_requests": 12}
 CLASSIFIER = {**SMALL, "max_ongoing_requests": 8,
               "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                               "upscale_delay_s": 0.5, "downscale_delay_s": 600, "metrics_interval_s": 0.5,
@@ -42,12 +45,18 @@ CLASSIFIER = {**SMALL, "max_ongoing_requests": 8,
 
 
 @pytest.fixture(scope="module")
-def api(serve_http: str, checkpoint: Path) -> Iterator[dict[str, Any]]:
-    """The deployed app: base URL, an HTTP client and the replicas it started with."""
+def api(serve_http: str, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The deployed app: base URL, an HTTP client and the replicas it started with.
+
+    The tokens come as a mounted Secret would bring them: a file named by TAXONET_API_TOKEN_FILE, written with a
+    trailing newline and two tokens (a rotation in progress)."""
     from ray import serve
 
-    deploy({"checkpoint": str(checkpoint), "api_token": TOKEN, "top_k": 3, "max_batch_size": 4,
-            "batch_wait_timeout_s": 0.02, **LIMITS, "ingress": SMALL, "classifier": CLASSIFIER},
+    token_file = tmp_path_factory.mktemp("secret") / "token"
+    token_file.write_text(f"{TOKEN} ,{NEXT_TOKEN}\n")
+    ingress = {**SMALL, "env_vars": {"TAXONET_API_TOKEN_FILE": str(token_file)}}
+    deploy({"checkpoint": str(checkpoint), "top_k": 3, "max_batch_size": 4,
+            "batch_wait_timeout_s": 0.02, **LIMITS, "ingress": ingress, "classifier": CLASSIFIER},
            name=APP, route_prefix=PREFIX)
     replicas = {d: replica_names(APP, d) for d in ("TaxonetIngress", "TaxonetClassifier")}
     assert all(len(names) == 1 for names in replicas.values()), replicas
@@ -97,7 +106,7 @@ def test_single_image_matches_the_in_process_predictor(api: dict[str, Any], refe
         (answer,) = body["predictions"]
         assert answer["filename"] is None
         check_answer(answer, reference.taxonomy, top_k=3)
-        expected = reference.predict_bytes([data])[0]
+        expected = reference.predict_bytes([data])[0].to_dict()
         for rank in reference.taxonomy.ranks:
             got, want = answer["ranks"][rank], expected["ranks"][rank]
             assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"]]
@@ -116,7 +125,7 @@ def test_multipart_keeps_order_and_filenames(api: dict[str, Any], reference: Pre
     assert [p["filename"] for p in predictions] == ["insect0.jpg", "insect1.jpg", "insect2.jpg", "insect3.png"]
     for prediction, (_, (_, data, _)) in zip(predictions, files):
         check_answer(prediction, reference.taxonomy, top_k=3)
-        expected = reference.predict_bytes([data])[0]
+        expected = reference.predict_bytes([data])[0].to_dict()
         assert prediction["ranks"]["species"]["label"] == expected["ranks"]["species"]["label"]
 
 

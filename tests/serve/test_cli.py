@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from taxonet.cli import main
-from taxonet.predictor import Predictor
+from taxonet.serve.predictor import Predictor
 
 from .helpers import encode, wait_for
 
@@ -42,7 +42,7 @@ def test_classify_with_a_checkpoint_answers_each_file(checkpoint: Path, image_fi
     assert [line["image"] for line in lines] == [str(p) for p in image_files]
     predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu")
     for line, path in zip(lines[:2], image_files[:2]):
-        expected = predictor.predict_bytes([path.read_bytes()])[0]
+        expected = predictor.predict_bytes([path.read_bytes()])[0].to_dict()
         assert line["ranks"]["species"]["label"] == expected["ranks"]["species"]["label"]
         assert line["lowest_reliable_rank"] == expected["lowest_reliable_rank"]
         assert line["model"]["version"] == predictor.version

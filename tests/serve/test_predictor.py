@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
-from taxonet.data.transforms import ImageDecodeError, build_eval_transform, decode_image
-from taxonet.predictor import SERVED_FORMATS, Predictor, Preprocessor, sniff_format
+from taxonet.data.transforms import ImageDecodeError, TransformSpec, build_eval_transform, decode_image, open_image
+from taxonet.serve.predictor import SERVED_FORMATS, Predictor, Preprocessor, sniff_format
 from .helpers import animated_gif, check_answer, encode, odd_images, png_bomb, variant
 
 pytestmark = pytest.mark.unit
+
+
+def predict(predictor: Predictor, images: list[bytes], **options: int) -> list[dict[str, Any]]:
+    """The predictor's answers as the API's JSON shows them."""
+    return [answer.to_dict() for answer in predictor.predict_bytes(images, **options)]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +30,7 @@ def predictor(checkpoint: Path) -> Predictor:
 
 def test_answers_are_consistent_with_the_taxonomy(predictor: Predictor, insect_images: list) -> None:
     images = [encode(image) for _, image in insect_images]
-    answers = predictor.predict_bytes(images, batch_size=4)
+    answers = predict(predictor, images, batch_size=4)
     assert len(answers) == len(images)
     for answer in answers:
         check_answer(answer, predictor.taxonomy, top_k=3)
@@ -41,25 +48,15 @@ def test_answers_are_consistent_with_the_taxonomy(predictor: Predictor, insect_i
             assert entry["top_k"][0]["probability"] == pytest.approx(float(probabilities[row].max()), abs=1e-5)
 
 
-def test_batching_and_threads_do_not_change_answers(predictor: Predictor, insect_images: list) -> None:
+def test_batching_does_not_change_answers(predictor: Predictor, insect_images: list) -> None:
     images = [encode(image) for _, image in insect_images]
-    one_by_one = [predictor.predict_bytes([image])[0] for image in images]
-    batched = predictor.predict_bytes(images, batch_size=5, decode_threads=2)
+    one_by_one = [predict(predictor, [image])[0] for image in images]
+    batched = predict(predictor, images, batch_size=5)
     for a, b in zip(one_by_one, batched):
         for rank in predictor.taxonomy.ranks:
             assert a["ranks"][rank]["label"] == b["ranks"][rank]["label"]
             assert a["ranks"][rank]["score"] == pytest.approx(b["ranks"][rank]["score"], rel=1e-4, abs=1e-4)
         assert a["lowest_reliable_rank"] == b["lowest_reliable_rank"]
-
-
-def test_stream_gives_the_answers_of_each_batch(predictor: Predictor, insect_images: list) -> None:
-    tensors = [predictor.preprocess(encode(image)) for _, image in insect_images]
-    batches = [torch.stack(tensors[:4]), torch.stack(tensors[4:])]
-    streamed = list(predictor.predict_stream(iter(batches)))
-    assert [len(answers) for answers in streamed] == [4, len(tensors) - 4]
-    for answers, batch in zip(streamed, batches, strict=True):
-        assert answers == predictor.predict_tensors(batch)
-    assert list(predictor.predict_stream(iter([]))) == []
 
 
 def test_preprocessing_comes_from_the_checkpoint(predictor: Predictor, checkpoint: Path, tmp_path: Path,
@@ -70,12 +67,12 @@ def test_preprocessing_comes_from_the_checkpoint(predictor: Predictor, checkpoin
     other = Predictor.from_checkpoint(str(variant(checkpoint, tmp_path / "b", version="v-b", input_size=40)))
     assert other.preprocess(jpeg).shape == (3, 40, 40)
     assert other.version == "v-b"
-    check_answer(other.predict_bytes([jpeg])[0], other.taxonomy, top_k=3)
+    check_answer(predict(other, [jpeg])[0], other.taxonomy, top_k=3)
 
 
 def test_strict_thresholds_make_every_rank_unsure(checkpoint: Path, tmp_path: Path, jpeg: bytes) -> None:
     strict = Predictor.from_checkpoint(str(variant(checkpoint, tmp_path / "s", version="s", strict_thresholds=True)))
-    answer = strict.predict_bytes([jpeg])[0]
+    answer = predict(strict, [jpeg])[0]
     assert not any(entry["reliable"] for entry in answer["ranks"].values())
     assert answer["lowest_reliable_rank"] is None and answer["lowest_reliable_label"] is None
     assert all(entry["confidence"] == pytest.approx(0.0, abs=1e-9) for entry in answer["ranks"].values())
@@ -93,7 +90,7 @@ def test_single_task_checkpoint_answers_higher_ranks_from_the_taxonomy(tmp_path:
     directory = save_checkpoint(tmp_path / "species-only", build_model(config.model, taxonomy), taxonomy, config,
                                 TransformSpec.from_config(config.data))
     predictor = Predictor.from_checkpoint(str(directory), device="cpu")
-    answer = predictor.predict_bytes([jpeg])[0]
+    answer = predict(predictor, [jpeg])[0]
     species = answer["ranks"]["species"]
     assert len(species["top_k"]) == 3 and species["score"] is not None
     chain = taxonomy.chain_names("species", taxonomy.index("species", species["label"]))
@@ -107,7 +104,7 @@ def test_single_task_checkpoint_answers_higher_ranks_from_the_taxonomy(tmp_path:
 
 def test_top_k_is_capped_by_the_number_of_classes(checkpoint: Path, jpeg: bytes) -> None:
     wide = Predictor.from_checkpoint(str(checkpoint), top_k=50)
-    answer = wide.predict_bytes([jpeg])[0]
+    answer = predict(wide, [jpeg])[0]
     for rank in wide.taxonomy.ranks:
         top = answer["ranks"][rank]["top_k"]
         assert len(top) == wide.taxonomy.num_classes(rank)
@@ -118,7 +115,7 @@ def test_top_k_is_capped_by_the_number_of_classes(checkpoint: Path, jpeg: bytes)
 
 def test_odd_but_valid_images_are_accepted(predictor: Predictor, insect_images: list) -> None:
     for data, _ in odd_images(insect_images[2][1]).values():
-        answer = predictor.predict_bytes([data])[0]
+        answer = predict(predictor, [data])[0]
         check_answer(answer, predictor.taxonomy, top_k=3)
 
 
@@ -129,7 +126,7 @@ def test_bad_images_raise_a_coded_error(predictor: Predictor, jpeg: bytes, case:
     data = {"empty": b"", "text": b"hello, not an image", "truncated": jpeg[: len(jpeg) // 2],
             "bomb": png_bomb()}[case]
     with pytest.raises(ImageDecodeError) as info:
-        predictor.predict_bytes([jpeg, data])
+        predict(predictor, [jpeg, data])
     assert info.value.code == code
     assert info.value.message.startswith("image 1:")  # the position of the bad image in the request
 
@@ -152,23 +149,6 @@ def test_pixel_limit_is_checked_before_decoding(checkpoint: Path) -> None:
         Preprocessor(spec, max_pixels=100_000)(image)
     assert info.value.code == "too_large" and "400x300" in info.value.message
     assert Preprocessor(spec, max_pixels=120_000)(image).shape == (3, 32, 32)
-
-
-def test_device_decode_path_matches_the_cpu_path_on_cpu(predictor: Predictor, insect_images: list) -> None:
-    """The nvjpeg path (decode_jpeg) runs on the CPU too; it must agree with PIL closely and keep the limits."""
-    images = [encode(image, quality=95) for _, image in insect_images[:4]]
-    images += [encode(insect_images[4][1].convert("L")), encode(insect_images[5][1].convert("CMYK"))]
-    on_device = predictor.preprocess_jpeg_on_device(images)
-    reference = torch.stack([predictor.preprocess(data) for data in images])
-    assert on_device.shape == reference.shape
-    difference = (on_device - reference).abs().mean(dim=(1, 2, 3))
-    assert (difference < 0.05).all(), difference  # different resize kernels, same picture (greyscale, CMYK too)
-    png = encode(insect_images[0][1], "PNG")  # not a JPEG: goes through the CPU path, exactly
-    mixed = predictor.preprocess_jpeg_on_device([images[0], png])
-    assert torch.allclose(mixed[1], predictor.preprocess(png))
-    with pytest.raises(ImageDecodeError) as info:
-        predictor.preprocess_jpeg_on_device([images[0], images[0][:100]], first_index=10)
-    assert info.value.message.startswith("image 11:")
 
 
 def test_describe_names_the_model(predictor: Predictor, checkpoint: Path) -> None:
@@ -217,7 +197,7 @@ def test_cpu_graph_gives_the_eager_models_answers(checkpoint: Path, insect_image
     assert not eager.graph and not isinstance(eager.model, torch.jit.ScriptModule)
     images = [encode(image) for _, image in insect_images]
     for batch_size in (1, 3, len(images)):  # the graph must not be tied to the batch size it was traced with
-        ours, theirs = graph.predict_bytes(images, batch_size=batch_size), eager.predict_bytes(images,
+        ours, theirs = predict(graph, images, batch_size=batch_size), predict(eager, images,
                                                                                             batch_size=batch_size)
         for a, b in zip(ours, theirs, strict=True):
             assert a["lowest_reliable_rank"] == b["lowest_reliable_rank"]
@@ -228,13 +208,69 @@ def test_cpu_graph_gives_the_eager_models_answers(checkpoint: Path, insect_image
 
 
 def test_a_model_the_graph_would_change_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
-    from taxonet.predictor import freeze_for_cpu
+    from taxonet.serve.predictor import freeze_for_cpu
 
     model = _ShapeBranch().eval()
-    with caplog.at_level("WARNING", logger="taxonet.predictor"):
+    with caplog.at_level("WARNING", logger="taxonet.serve.predictor"):
         assert freeze_for_cpu(model, 16) is None
     assert "keeping the eager model" in caplog.text and "differ" in caplog.text
     assert not model.training  # the caller's mode is left as it was
     model.train()
     freeze_for_cpu(model, 16)
     assert model.training
+
+
+# ---------------------------------------------------------------------------------------------------- hostile input
+LIMIT = 4_000_000  #: far under Pillow's own limit (≈ 89 MP warns, 179 MP refuses): only taxonet's check can refuse
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_an_image_just_over_the_pixel_limit_is_refused_without_decoding(fmt: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(Image.new("RGB", (2001, 2000)), fmt)  # 4,002,000 pixels: 2,000 over the limit
+    preprocessor = Preprocessor(TransformSpec(input_size=32), max_pixels=LIMIT, allowed_formats=SERVED_FORMATS)
+    decoded: list[str] = []
+    original = ImageFile.ImageFile.load
+
+    def spy(image: ImageFile.ImageFile) -> Any:
+        decoded.append(image.format or "?")
+        return original(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    with pytest.raises(ImageDecodeError) as info:
+        preprocessor.decode_uint8(data)
+    assert info.value.code == "too_large" and "2001x2000" in info.value.message
+    assert decoded == []  # refused from the header: the decoder never ran
+    assert preprocessor.decode_uint8(encode(Image.new("RGB", (2000, 2000)), fmt)).shape == (3, 32, 32)  # at the limit
+    assert set(decoded) == {fmt}
+
+
+def test_a_16_bit_png_at_the_limit_decodes_without_float64_copies() -> None:
+    """4 MP of 16-bit greyscale (12 KB on the wire) once took ~16 bytes per pixel in float64 copies; now the
+    rescale runs in slices: the Python-visible peak stays under 8 bytes per pixel (uint16 + uint8 + one slice)."""
+    gradient = np.tile(np.linspace(0, 65535, 2000).astype(np.uint16), (2000, 1))
+    data = encode(Image.fromarray(gradient), "PNG")
+    preprocessor = Preprocessor(TransformSpec(input_size=32), max_pixels=LIMIT, allowed_formats=SERVED_FORMATS)
+    tracemalloc.start()
+    try:
+        pixels = preprocessor.decode_uint8(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * LIMIT, f"peak {peak / 1e6:.0f} MB for a {LIMIT / 1e6:.0f} MP image"
+    assert int(pixels.min()) <= 8 and int(pixels.max()) >= 247  # scaled by the image's range, not clipped
+
+
+def test_the_decoder_itself_is_restricted_to_the_served_formats(insect_images: list) -> None:
+    """BMP and TIFF are refused even where the sniffer is fooled: PIL is only allowed the JPEG/PNG/WebP decoders."""
+    bmp = bytearray(encode(insect_images[0][1], "BMP"))
+    bmp[6:10] = b"\x01\x02\x03\x04"  # non-zero reserved bytes once slipped past the sniffer
+    tiff = encode(insect_images[0][1], "TIFF")
+    preprocessor = Preprocessor(TransformSpec(input_size=32), allowed_formats=SERVED_FORMATS)
+    for data in (bytes(bmp), tiff, b"II+\x00" + bytes(64)):  # the last: a BigTIFF header
+        with pytest.raises(ImageDecodeError) as info:
+            preprocessor.decode_uint8(data)
+        assert info.value.code == "unsupported"
+        with pytest.raises(ImageDecodeError):  # the decoder alone, without the sniffer's verdict
+            open_image(data, formats=SERVED_FORMATS)
+    assert open_image(tiff).format == "TIFF"  # unrestricted (training data) still reads it

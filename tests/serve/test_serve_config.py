@@ -53,7 +53,7 @@ def test_classifier_user_config_is_partial_over_the_args_and_strict() -> None:
                                                                                           "num_replicas": 2}})
     base = args.classifier_config().model_dump()
     assert base == {"checkpoint": "s3://b/one", "top_k": 5, "max_batch_size": 32, "batch_wait_timeout_s": 0.01,
-                    "max_image_pixels": 40_000_000}
+                    "label_series_per_rank": 20}
     merged = ClassifierConfig.model_validate({**base, "checkpoint": "s3://b/two"})
     assert merged.checkpoint == "s3://b/two" and merged.top_k == 5
     with pytest.raises(ValidationError):
@@ -61,14 +61,24 @@ def test_classifier_user_config_is_partial_over_the_args_and_strict() -> None:
     assert args.classifier.options()["num_replicas"] == 2 and "autoscaling_config" not in args.classifier.options()
 
 
-def test_token_comes_from_args_or_the_replica_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TAXONET_API_TOKEN", raising=False)
-    assert IngressSettings().token() is None
-    monkeypatch.setenv("TAXONET_API_TOKEN", "from-env")
-    assert IngressSettings().token() == "from-env"
-    settings = ServeArgs.model_validate({"checkpoint": "x", "api_token": "explicit"}).ingress_settings()
-    assert settings.token() == "explicit"
-    assert "explicit" not in repr(settings)  # the secret is not printed in logs or `serve status`
+def test_api_token_in_the_args_is_refused_with_where_to_put_it() -> None:
+    with pytest.raises(ValidationError, match="TAXONET_API_TOKEN_FILE") as info:
+        ServeArgs.model_validate({"checkpoint": "x", "api_token": "secret"})
+    assert "plain text" in str(info.value) and "TAXONET_API_TOKEN" in str(info.value)
+    with pytest.raises(ValidationError, match="plain text"):  # nor smuggled into a replica's environment
+        ServeArgs.model_validate({"checkpoint": "x", "ingress": {"env_vars": {"TAXONET_API_TOKEN": "secret"}}})
+    args = ServeArgs.model_validate({"checkpoint": "x", "ingress": {"env_vars": {"TAXONET_API_TOKEN_FILE": "/t"}}})
+    assert args.ingress.options()["ray_actor_options"]["runtime_env"] == {"env_vars": {"TAXONET_API_TOKEN_FILE": "/t"}}
+
+
+def test_args_are_the_classifier_and_ingress_settings_each_default_once() -> None:
+    args = ServeArgs.model_validate({"checkpoint": "x", "max_files": 3, "top_k": 4})
+    assert args.classifier_config() == ClassifierConfig(checkpoint="x", top_k=4)
+    assert args.ingress_settings() == IngressSettings(max_files=3)
+    with pytest.raises(ValidationError, match="decode_pixel_budget"):  # an image at the limit could never decode
+        ServeArgs.model_validate({"checkpoint": "x", "max_image_pixels": 100, "decode_pixel_budget": 99})
+    with pytest.raises(ValidationError, match="max_concurrent_requests"):
+        ServeArgs.model_validate({"checkpoint": "x", "max_concurrent_requests": 100})
 
 
 def test_access_log_is_per_deployment_and_the_graph_is_on_by_default() -> None:

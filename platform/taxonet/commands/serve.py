@@ -69,8 +69,10 @@ def _serve(args: argparse.Namespace) -> int:
 
         read_manifest(materialize(args.checkpoint))
     embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
-    raycluster.init(args.address, num_cpus=args.num_cpus)
     token = args.token or os.environ.get(TOKEN_ENV)
+    if token:  # the ingress reads it from its environment (never from Serve args); embedded Ray's workers inherit it
+        os.environ[TOKEN_ENV] = token
+    raycluster.init(args.address, num_cpus=args.num_cpus)
     app_args: dict[str, Any] = {
         "checkpoint": args.checkpoint, "device": args.device, "top_k": args.top_k,
         "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait,
@@ -81,8 +83,6 @@ def _serve(args: argparse.Namespace) -> int:
                        "autoscaling": {"min_replicas": 1, "max_replicas": args.max_replicas,
                                        "target_ongoing_requests": max(1, args.max_batch_size)}},
     }
-    if token:
-        app_args["api_token"] = token  # explicit: a remote cluster's replicas do not see this shell's environment
     stop = _stop_on_signals()
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
@@ -163,7 +163,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 def _classify_local(args: argparse.Namespace, paths: list[Path]) -> list[dict[str, Any]]:
     from taxonet.data.transforms import ImageDecodeError
-    from taxonet.predictor import Predictor
+    from taxonet.serve.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(args.target, device=args.device, top_k=args.top_k)
     results: list[dict[str, Any]] = [{} for _ in paths]
@@ -180,14 +180,14 @@ def _classify_local(args: argparse.Namespace, paths: list[Path]) -> list[dict[st
         chunk = decoded[start:start + args.batch_size]
         answers = predictor.predict_tensors(torch.stack([tensor for _, tensor in chunk]))
         for (index, _), answer in zip(chunk, answers):
-            results[index] = {"model": model, **answer}
+            results[index] = {"model": model, **answer.to_dict()}
     return results
 
 
 def _classify_remote(url: str, paths: list[Path], token: str | None) -> list[dict[str, Any]]:
     import httpx
 
-    from taxonet.predictor import sniff_format
+    from taxonet.serve.predictor import sniff_format
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one JSON line per image on stdout, no request log
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 
 # ImageNet statistics (torchvision's weights use them; the original code divided by 255 twice: not copied).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,22 +65,32 @@ class TransformSpec:
         return cls(input_size=data_config.input_size, mean=tuple(data_config.mean), std=tuple(data_config.std))
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None,
+                 formats: Sequence[str] | None = None) -> Image.Image:
     """Bytes → RGB PIL image, refusing corrupt, unsupported and oversized images with :class:`ImageDecodeError`.
 
     Handles what cameras and users send: greyscale, palette, RGBA (composited on white), CMYK JPEG, 16-bit PNG,
     animated GIF/WebP (first frame). The pixel count is checked from the header before decoding, so a decompression
-    bomb costs nothing. ``draft_size`` lets JPEG decode at a reduced scale (much faster for large photos).
+    bomb costs nothing. ``draft_size`` lets JPEG decode at a reduced scale (much faster for large photos);
+    ``formats`` restricts the decoders PIL may use (default: all of :data:`SUPPORTED_FORMATS`).
     """
+    return load_rgb(open_image(data, max_pixels=max_pixels, formats=formats), draft_size=draft_size)
+
+
+def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               formats: Sequence[str] | None = None) -> Image.Image:
+    """The image with only its header read (nothing decoded): a known format among ``formats``, at most
+    ``max_pixels`` pixels; else :class:`ImageDecodeError`. :func:`load_rgb` decodes it."""
     if not data:
         raise ImageDecodeError("corrupt", "empty image body")
+    # PIL's decoders by name; MPO (phones' multi-picture JPEG) is opened by the JPEG decoder
+    allowed = tuple(sorted(set(formats or SUPPORTED_FORMATS) - {"MPO"}))
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:
-            raise ImageDecodeError("too_large", f"image too large: {exc}") from exc
-        except Image.DecompressionBombWarning as exc:
+            # formats= restricts PIL to these decoders: bytes that claim another format are never parsed
+            image = Image.open(io.BytesIO(data), formats=allowed)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageDecodeError("too_large", f"image too large: {exc}") from exc
         except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError from plugins
             raise ImageDecodeError("corrupt", "not a decodable image (unknown or corrupt format)") from exc
@@ -90,15 +101,16 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
         raise ImageDecodeError("corrupt", f"invalid image size {width}x{height}")
     if width * height > max_pixels:
         raise ImageDecodeError("too_large", f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
+    return image
+
+
+def load_rgb(image: Image.Image, *, draft_size: int | None = None) -> Image.Image:
+    """Decode an image from :func:`open_image` to RGB. A truncated file is an error (PIL's default; taxonet never
+    sets ``ImageFile.LOAD_TRUNCATED_IMAGES``, a process-wide switch)."""
     try:
-        if draft_size and image.format == "JPEG":
+        if draft_size and image.format in ("JPEG", "MPO"):
             image.draft("RGB", (draft_size, draft_size))
-        previous = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey half-image
-        try:
-            image.load()
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        image.load()
         return _to_rgb(image)
     except ImageDecodeError:
         raise
@@ -106,21 +118,31 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
         raise ImageDecodeError("corrupt", f"corrupt or truncated image data ({type(exc).__name__})") from exc
 
 
+#: rows of a 16/32-bit image rescaled at once: bounds the float64 temporaries to a few MB whatever the image size
+_RESCALE_PIXELS = 1 << 20
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with at most one full-size copy besides the input: 16-bit greyscale is rescaled in slices, alpha is
+    pasted onto a white RGB canvas (no RGBA temporaries)."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bits by the actual range instead of clipping to white
-        import numpy as np
-
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image)
         low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
+        grey = np.zeros(array.shape, dtype=np.uint8)
+        if high > low:
+            rows = max(1, _RESCALE_PIXELS // max(1, array.shape[1]))
+            for top in range(0, array.shape[0], rows):
+                grey[top:top + rows] = ((array[top:top + rows] - low) / (high - low) * 255.0).astype(np.uint8)
+        del array
+        return Image.fromarray(grey, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba)
+        return canvas
     return image.convert("RGB")
 
 
@@ -136,8 +158,6 @@ def _normalize(spec: TransformSpec) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL → float32 [3, H, W] in [0, 1] (no torchvision dependency on the hot path)."""
-    import numpy as np
-
     array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
@@ -145,8 +165,6 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 def build_eval_resize(spec: TransformSpec) -> Callable[[Image.Image], torch.Tensor]:
     """The eval transform up to the pixels: RGB, resized to ``input_size`` × ``input_size`` (bilinear), as uint8
     [3, S, S] — a quarter of the float tensor's bytes, for shipping images between processes (serving)."""
-    import numpy as np
-
     size = (spec.input_size, spec.input_size)
 
     def resize(image: Image.Image) -> torch.Tensor:

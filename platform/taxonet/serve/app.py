@@ -1,50 +1,54 @@
 """The Ray Serve application: a CPU ingress (HTTP, validation, decoding) and a batched model deployment.
 
     client ──HTTP──▶ TaxonetIngress (FastAPI)            ──handle──▶ TaxonetClassifier (@serve.batch)
-                     auth, content type, size limits,               Predictor: batch forward, anomaly test,
-                     decode + eval transform per image              top-k per rank, metrics
+                     auth, admission, limits, decode              Predictor: batch forward, anomaly test,
+                     + eval transform, one image at a time        top-k per rank, metrics
 
 Import path for ``serve run`` / ``serve deploy`` / the RayService: ``taxonet.serve.app:app_builder`` with the
-arguments of :class:`taxonet.serve.config.ServeArgs`. The classifier's ``user_config`` (checkpoint, top_k,
-max_batch_size, batch_wait_timeout_s) is applied in place by ``reconfigure``: batching changes at once, and a new
-checkpoint is loaded beside the running model and swapped in when ready, so a rollout fails no request.
+arguments of :class:`taxonet.serve.config.ServeArgs`. The classifier's ``user_config`` (:class:`ClassifierConfig`)
+is applied in place by ``reconfigure``: batching changes at once, and a new checkpoint is loaded beside the running
+model and swapped in when ready, so a rollout fails no request.
 
-The ingress preprocesses with the transform the classifier reports (from the checkpoint) and tags every tensor with
-it; if a rollout changed the transform meanwhile, the classifier sends the image back and the ingress redoes it.
+The ingress preprocesses with the transform the classifier reports (from the checkpoint) and sends its key with the
+pixels; if a rollout changed the transform meanwhile, the classifier refuses them (:class:`StaleTransformError`) and
+the ingress prepares the request again with the new transform. HTTP parsing, auth and the load limits live in
+:mod:`taxonet.serve.http`; the answers are the dataclasses of :mod:`taxonet.serve.predictor`.
 """
 
 # No `from __future__ import annotations`: the deployment classes are pickled by value, and FastAPI must resolve
 # endpoint annotations (Request, ...) from real objects, not strings whose globals did not travel.
 import asyncio
-import hmac
+import dataclasses
 import logging
 import time
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from PIL import Image
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from taxonet.data.transforms import ImageDecodeError, TransformSpec, normalize_uint8
-from taxonet.predictor import SERVED_FORMATS, Predictor, Preprocessor, spec_key
-from taxonet.serve.config import ClassifierConfig, IngressSettings, ServeArgs
-from taxonet.serve.errors import ERROR_RESPONSES, ApiError, error_response, install_error_handlers
+from taxonet.data.transforms import ImageDecodeError, TransformSpec
+from taxonet.serve.config import (DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, TOKEN_ENV, TOKEN_FILE_ENV,
+                                  ClassifierConfig, IngressSettings, ServeArgs)
+from taxonet.serve.errors import ERROR_RESPONSES, ApiError, install_error_handlers
+from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetrics, Upload, load_tokens,
+                                read_uploads)
+from taxonet.serve.metrics import ClassifierMetrics, IngressMetrics
+from taxonet.serve.predictor import (SERVED_FORMATS, ClassifyResponse, ImageAnswer, ModelRef, Predictor,
+                                     Preprocessor, spec_key)
 
 log = logging.getLogger("ray.serve")
 
-RAW_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
-#: content types accepted on a multipart file part; octet-stream/absent leave the decision to the image's bytes
-PART_TYPES = set(RAW_TYPES) | {"application/octet-stream", ""}
-ROUTES = ("/v1/classify", "/v1/taxonomy", "/v1/model", "/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect",
-          "/redoc")
-STALE = "stale_transform"
+#: a request whose transform went stale is prepared again at most this many times (rollouts are minutes apart)
+STALE_RETRIES = 3
+
+
+class StaleTransformError(RuntimeError):
+    """The pixels were prepared with another transform than the one of the model now served."""
 
 
 # ---------------------------------------------------------------------------------------------------- model side
@@ -53,12 +57,10 @@ class TaxonetClassifier:
     """Holds a :class:`Predictor`; answers one request's images per call, batched image by image across callers
     by ``@serve.batch``. On CPU the model runs as a frozen TorchScript graph unless ``graph`` is False."""
 
-    def __init__(self, device: str = "auto", defaults: dict[str, Any] | None = None, graph: bool = True) -> None:
-        from taxonet.serve.metrics import ClassifierMetrics
-
+    def __init__(self, device: str, defaults: dict[str, Any], graph: bool) -> None:
         self._device = device
         self._graph = graph
-        self._defaults = dict(defaults or {})
+        self._defaults = dict(defaults)
         self._config: ClassifierConfig | None = None
         self._predictor: Predictor | None = None
         self._rollout_error: str | None = None
@@ -74,17 +76,16 @@ class TaxonetClassifier:
         config = ClassifierConfig.model_validate({**self._defaults, **(user_config or {})})
         self._predict_batch.set_max_batch_size(config.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._metrics.label_series_per_rank = config.label_series_per_rank
         async with self._reload_lock:
             current = self._config
             if self._predictor is not None and current is not None and current.checkpoint == config.checkpoint:
                 self._predictor.top_k = config.top_k
-                self._predictor.preprocessor.max_pixels = config.max_image_pixels
                 self._config, self._rollout_error = config, None
                 return
             try:
                 predictor = await asyncio.to_thread(Predictor.from_checkpoint, config.checkpoint, self._device,
-                                                    top_k=config.top_k, max_image_pixels=config.max_image_pixels,
-                                                    graph=self._graph)
+                                                    top_k=config.top_k, graph=self._graph)
             except Exception as exc:
                 if self._predictor is None:
                     raise
@@ -115,44 +116,27 @@ class TaxonetClassifier:
                 "classes": {rank: list(names) for rank, names in zip(taxonomy.ranks, taxonomy.names)},
                 "tree": taxonomy.tree()}
 
-    async def classify_many(self, images: np.ndarray, transform_key: str) -> list[dict[str, Any]]:
-        """Preprocessed images [N, 3, S, S] of one request → their answers in order; an image prepared with another
-        transform than this replica's gets ``{"stale_transform": True}`` instead.
+    async def classify_many(self, images: np.ndarray, transform_key: str) -> ClassifyResponse:
+        """Resized uint8 pixels [N, 3, S, S] of one request → its answers in order; :class:`StaleTransformError`
+        when they were prepared with another transform than the served model's.
 
         One call per HTTP request, however many images it carries: Ray and Serve's per-call work (routing, the
         queue-length probe, (de)serialisation, metrics) runs in this replica's process and shares its GIL with the
         forward pass. The images still batch one by one with other requests' images in ``_predict_batch``.
         """
-        return list(await asyncio.gather(*(self._predict_batch((image, transform_key)) for image in images)))
+        results = await asyncio.gather(*(self._predict_batch((image, transform_key)) for image in images))
+        if any(result is None for result in results):
+            raise StaleTransformError("the served model's transform changed while the request was prepared")
+        return ClassifyResponse(model=results[0][0], predictions=[answer for _, answer in results])
 
-    async def classify_bytes(self, data: bytes) -> dict[str, Any]:
-        """One encoded image (already validated by the ingress), preprocessed here with this replica's transform.
-
-        The ingress's fallback while a rollout changes the transform; rare, so decoding here costs little.
-        """
-        for _ in range(3):  # the model could be swapped again between preprocessing and the batch
-            predictor = self._require()
-            image = await asyncio.to_thread(predictor.preprocessor.decode_uint8, data)
-            answer = await self._predict_batch((image.numpy(), spec_key(predictor.transform)))
-            if not answer.get(STALE):
-                return answer
-        raise RuntimeError("the model's transform kept changing during one request")
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _predict_batch(self, items: list[tuple[np.ndarray, str]]) -> list[dict[str, Any]]:
-        import torch
-
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    async def _predict_batch(self, items: list[tuple[np.ndarray, str]]) -> list[tuple[ModelRef, ImageAnswer] | None]:
         predictor = self._require()  # one model for the whole batch, even if a rollout swaps it meanwhile
         key = spec_key(predictor.transform)
         fresh = [i for i, (_, item_key) in enumerate(items) if item_key == key]
-        out: list[dict[str, Any]] = [{STALE: True}] * len(items)
+        out: list[tuple[ModelRef, ImageAnswer] | None] = [None] * len(items)
         if fresh:
-            arrays = [np.asarray(items[i][0]) for i in fresh]
-            if all(a.dtype == np.uint8 for a in arrays):  # resized pixels (the ingress's): normalised by the predictor
-                batch = torch.from_numpy(np.stack(arrays))
-            else:  # float32 tensors from Predictor.preprocess, possibly mixed with pixels
-                batch = torch.stack([normalize_uint8(torch.from_numpy(a), predictor.transform) if a.dtype == np.uint8
-                                     else torch.from_numpy(a) for a in arrays])
+            batch = torch.from_numpy(np.stack([items[i][0] for i in fresh]))
             start = time.perf_counter()
             if predictor.device.type == "cuda":
                 # kernels run asynchronously and the wait for them releases the GIL: a worker thread keeps the
@@ -164,10 +148,9 @@ class TaxonetClassifier:
                 # 2 cores: 14 img/s). Inline, requests queue up during the pass and the next batch takes them all.
                 answers = predictor.predict_tensors(batch)
             self._metrics.batch(len(fresh), time.perf_counter() - start, answers)
-            model = {"name": predictor.name, "version": predictor.version}
+            model = predictor.model_ref
             for i, answer in zip(fresh, answers):
-                answer["model"] = model
-                out[i] = answer
+                out[i] = (model, answer)
         return out
 
     def _require(self) -> Predictor:
@@ -177,37 +160,6 @@ class TaxonetClassifier:
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP side
-class TopK(BaseModel):
-    label: str
-    probability: float
-
-
-class RankAnswer(BaseModel):
-    top_k: list[TopK]
-    label: str | None
-    score: float | None
-    reliable: bool
-    confidence: float | None
-
-
-class ModelRef(BaseModel):
-    name: str
-    version: str
-
-
-class ImageAnswer(BaseModel):
-    filename: str | None
-    ranks: dict[str, RankAnswer]
-    lowest_reliable_rank: str | None
-    lowest_reliable_label: str | None
-    consistent: bool
-
-
-class ClassifyResponse(BaseModel):
-    model: ModelRef
-    predictions: list[ImageAnswer]
-
-
 _CLASSIFY_BODY = {
     "requestBody": {
         "required": True,
@@ -222,59 +174,34 @@ _CLASSIFY_BODY = {
 }
 
 
-class _RequestMetrics:
-    """Pure ASGI middleware: counts every answer by route and status, times classify requests end to end."""
-
-    def __init__(self, app: Any, metrics: Any) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
-        route = path if path in ROUTES else "other"  # bounded label values, whatever URLs clients invent
-        start = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.metrics.request(route, status)
-            if route == "/v1/classify":
-                self.metrics.stage("total", time.perf_counter() - start)
-
-
 @serve.deployment(name="TaxonetIngress")
 @serve.ingress()
 class TaxonetIngress:
-    """HTTP front: authenticates, validates, decodes and preprocesses; the classifier does the model work."""
+    """HTTP front: authenticates, admits, validates, decodes and preprocesses; the classifier does the model work.
 
-    def __init__(self, classifier: DeploymentHandle, settings: IngressSettings | dict[str, Any]) -> None:
-        from taxonet.serve.metrics import IngressMetrics
+    Memory holds by construction (docs/api.md gives the formula): at most ``max_concurrent_requests`` requests
+    inside, each body held once, and images decoded one at a time per request within the replica's
+    ``decode_pixel_budget``.
+    """
 
+    def __init__(self, classifier: DeploymentHandle, settings: dict[str, Any]) -> None:
         self._classifier = classifier
         self._settings = IngressSettings.model_validate(settings)
-        self._token = self._settings.token()
+        self._auth = BearerAuth(load_tokens())
+        if self._auth.open:
+            log.warning("taxonet: NO API TOKEN configured (%s / %s unset or empty): /v1/* answers anyone who can "
+                        "reach this port", TOKEN_ENV, TOKEN_FILE_ENV)
+        self._admission = Admission(self._settings.max_concurrent_requests, self._settings.retry_after_s)
+        self._decode_budget = PixelBudget(self._settings.decode_pixel_budget)
         self._metrics = IngressMetrics()
         self._preprocessor: Preprocessor | None = None
         self._preprocessor_lock = asyncio.Lock()
 
-    def __serve_build_asgi_app__(self) -> Any:
+    def __serve_build_asgi_app__(self) -> FastAPI:
         return self.build_api()
 
     # ------------------------------------------------------------------ the FastAPI app
-    def build_api(self) -> Any:
+    def build_api(self) -> FastAPI:
         api = FastAPI(
             title="taxonet",
             version="1",
@@ -285,190 +212,129 @@ class TaxonetIngress:
         v1 = APIRouter(prefix="/v1", dependencies=[Depends(self._authenticate)], responses={401: ERROR_RESPONSES[401]})
 
         @v1.post("/classify", summary="Classify one image (raw body) or several (multipart `files`)",
-                 responses={200: {"model": ClassifyResponse}, **ERROR_RESPONSES}, openapi_extra=_CLASSIFY_BODY)
-        async def classify(request: Request) -> JSONResponse:
-            return JSONResponse(await self._classify(request))
+                 response_model=ClassifyResponse, responses=ERROR_RESPONSES, openapi_extra=_CLASSIFY_BODY)
+        async def classify(request: Request) -> ClassifyResponse:
+            return await self._classify(request)
 
         @v1.get("/taxonomy", summary="Ranks, class names per rank and the tree")
-        async def taxonomy() -> JSONResponse:
-            return JSONResponse(await self._call_model("taxonomy"))
+        async def taxonomy() -> dict[str, Any]:
+            return await self._ask(self._classifier.taxonomy.remote())
 
         @v1.get("/model", summary="The served model: name, version, checkpoint, transform, batching")
-        async def model() -> JSONResponse:
-            return JSONResponse(await self._call_model("describe"))
+        async def model() -> dict[str, Any]:
+            return await self._ask(self._classifier.describe.remote())
 
         api.include_router(v1)
 
         @api.get("/healthz", summary="Liveness: the ingress answers and the model deployment is reachable")
-        async def healthz() -> JSONResponse:
-            info = await self._call_model("describe")
-            return JSONResponse({"status": "ok", "model": {"name": info["name"], "version": info["version"]}})
+        async def healthz() -> dict[str, Any]:
+            info = await self._ask(self._classifier.describe.remote())
+            return {"status": "ok", "model": {"name": info["name"], "version": info["version"]}}
 
-        api.add_middleware(_RequestMetrics, metrics=self._metrics)
+        api.add_middleware(RequestMetrics, metrics=self._metrics)
         return api
 
     async def _authenticate(self, request: Request) -> None:
-        if self._token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer TOKEN'",
-                           headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(token.strip().encode(), self._token.encode()):
-            raise ApiError(401, "unauthorized", "wrong token",
-                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        self._auth.check(request.headers.get("authorization"))
 
     # ------------------------------------------------------------------ classify
-    async def _classify(self, request: Request) -> dict[str, Any]:
-        content_type = request.headers.get("content-type", "")
-        media_type = content_type.split(";", 1)[0].strip().lower()
-        if media_type in RAW_TYPES:
-            body = await self._read_body(request, self._settings.max_image_bytes, "image")
-            if not body:
-                raise ApiError(400, "empty_body", "the request body is empty: send the image bytes")
-            uploads = [(None, body)]
-        elif media_type == "multipart/form-data":
-            uploads = await self._read_multipart(request)
-        else:
-            shown = media_type or "none"
-            raise ApiError(415, "unsupported_media_type", f"content type {shown} is not accepted: send one image as "
-                           "image/jpeg, image/png or image/webp, or several as multipart/form-data 'files'")
-        preprocessor = await self._current_preprocessor()
-        # every image is decoded (and so validated) before any reaches the model; a bad one fails the request with
-        # the first bad file named, deterministically
-        images = await asyncio.gather(*(self._preprocess(preprocessor, data, self._where(index, name, len(uploads)))
-                                        for index, (name, data) in enumerate(uploads)), return_exceptions=True)
-        for image in images:
-            if isinstance(image, BaseException):
-                raise image
-        answers = await self._infer([data for _, data in uploads], images, preprocessor.key)
-        model = answers[0].pop("model")
-        for answer in answers[1:]:
-            answer.pop("model")
-        predictions = [{"filename": name, **answer} for (name, _), answer in zip(uploads, answers, strict=True)]
-        return {"model": model, "predictions": predictions}
+    async def _classify(self, request: Request) -> ClassifyResponse:
+        async with self._admission.slot():
+            uploads = await read_uploads(request, self._settings)
+            for _ in range(STALE_RETRIES):
+                preprocessor = await self._current_preprocessor()
+                pixels = await self._prepare(preprocessor, uploads)
+                try:
+                    response = await self._ask(self._classifier.classify_many.remote(pixels, preprocessor.key))
+                except StaleTransformError:
+                    # a rollout changed the preprocessing after these images were prepared: fetch the new transform
+                    # and prepare them again (rare: once per rollout, for the requests in flight)
+                    await self._current_preprocessor(stale_key=preprocessor.key)
+                    continue
+                predictions = [dataclasses.replace(answer, filename=upload.filename)
+                               for upload, answer in zip(uploads, response.predictions, strict=True)]
+                return dataclasses.replace(response, predictions=predictions)
+        raise ApiError(503, "unavailable", "the model's preprocessing kept changing during this request; retry",
+                       headers={"Retry-After": str(self._settings.retry_after_s)})
 
     @staticmethod
-    def _where(index: int, filename: str | None, count: int) -> str:
-        return f"files[{index}] ({filename}): " if count > 1 or filename else ""
+    def _where(index: int, upload: Upload, count: int) -> str:
+        return f"files[{index}] ({upload.filename}): " if count > 1 or upload.filename else ""
 
-    async def _infer(self, blobs: list[bytes], images: list[np.ndarray], transform_key: str) -> list[dict[str, Any]]:
-        """The answers for one request's images: one classifier call for all of them (see ``classify_many``)."""
+    async def _prepare(self, preprocessor: Preprocessor, uploads: list[Upload]) -> np.ndarray:
+        """Every image's header is checked (format, pixels, the request's summed pixels) before any is decoded; then
+        they are decoded one at a time within the replica's pixel budget. Resized uint8 [N, 3, S, S]."""
+        settings = self._settings
+        opened: list[Image.Image | None] = []
+        total = 0
         try:
-            answers = await self._classifier.classify_many.remote(np.stack(images), transform_key)
-            stale = [index for index, answer in enumerate(answers) if answer.get(STALE)]
-            if stale:
-                # A rollout changed the preprocessing after these images were prepared: the classifier prepares them
-                # itself (it knows its own transform), and later requests use the new transform.
-                await self._current_preprocessor(stale_key=transform_key)
-                redone = await asyncio.gather(*(self._classifier.classify_bytes.remote(blobs[index])
-                                                for index in stale))
-                for index, answer in zip(stale, redone, strict=True):
-                    answers[index] = answer
-        except (RayActorError, ActorUnavailableError) as exc:  # replica gone or starting: not the client's fault
-            log.warning("taxonet: classifier replica unavailable: %r", exc)
-            raise ApiError(503, "unavailable", "the model deployment is not available; retry shortly") from None
-        return answers
-
-    async def _preprocess(self, preprocessor: Preprocessor, data: bytes, where: str) -> np.ndarray:
-        start = time.perf_counter()
-        try:
-            # PIL releases the GIL: decode off the event loop. uint8 pixels (a quarter of the float tensor's bytes)
-            # travel to the classifier, which normalises whole batches.
-            tensor = await asyncio.to_thread(preprocessor.decode_uint8, data)
-        except ImageDecodeError as exc:
-            raise ApiError.from_decode(exc, where) from None
-        self._metrics.stage("decode", time.perf_counter() - start)
-        return tensor.numpy()
+            for index, upload in enumerate(uploads):
+                try:
+                    image = preprocessor.open(upload.data)
+                except ImageDecodeError as exc:
+                    raise ApiError.from_decode(exc, self._where(index, upload, len(uploads))) from None
+                opened.append(image)
+                total += image.width * image.height
+                if total > settings.max_request_pixels:
+                    raise ApiError(413, "request_too_large",
+                                   f"the request's images have more than {settings.max_request_pixels} pixels "
+                                   f"together (the limit per request); send fewer or smaller images")
+            out = np.empty((len(uploads), 3, preprocessor.spec.input_size, preprocessor.spec.input_size),
+                           dtype=np.uint8)
+            for index, image in enumerate(opened):
+                assert image is not None
+                opened[index] = None  # decoded pixels must not outlive this step
+                start = time.perf_counter()
+                try:
+                    async with self._decode_budget.hold(image.width * image.height):
+                        # PIL releases the GIL: decode off the event loop
+                        out[index] = (await asyncio.to_thread(preprocessor.decode, image)).numpy()
+                except ImageDecodeError as exc:
+                    raise ApiError.from_decode(exc, self._where(index, uploads[index], len(uploads))) from None
+                self._metrics.stage("decode", time.perf_counter() - start)
+            return out
+        finally:
+            for image in opened:
+                if image is not None:
+                    image.close()
 
     async def _current_preprocessor(self, stale_key: str | None = None) -> Preprocessor:
         """The preprocessing of the served checkpoint; fetched once, and again when ``stale_key`` went out of date."""
         async with self._preprocessor_lock:
             current = self._preprocessor
             if current is None or (stale_key is not None and current.key == stale_key):
-                info = await self._call_model("describe")
+                info = await self._ask(self._classifier.describe.remote())
                 spec = TransformSpec.from_dict(info["transform"])
                 if current is None or current.key != spec_key(spec):
                     self._preprocessor = Preprocessor(spec, max_pixels=self._settings.max_image_pixels,
                                                       allowed_formats=SERVED_FORMATS)
+            assert self._preprocessor is not None
             return self._preprocessor
 
-    async def _call_model(self, method: str) -> Any:
+    async def _ask(self, response: DeploymentResponse) -> Any:
+        """A model deployment call's result within ``classifier_timeout_s``: 504 when it takes longer, 503 when the
+        deployment is starting, failing or gone (not the client's fault either way)."""
+        timeout = self._settings.classifier_timeout_s
         try:
-            return await getattr(self._classifier, method).remote()
-        except Exception as exc:  # the model deployment is starting, failing or gone: not the client's fault
-            log.warning("taxonet: model deployment unreachable: %r", exc)
-            raise ApiError(503, "unavailable", "the model deployment is not available; retry shortly") from None
-
-    async def _read_body(self, request: Request, limit: int, what: str) -> bytes:
-        """The body, refused with 413 as soon as it is known to exceed ``limit`` (header or streamed bytes)."""
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                declared_bytes = int(declared)
-            except ValueError:
-                raise ApiError(400, "bad_request", f"invalid Content-Length {declared!r}") from None
-            if declared_bytes > limit:
-                raise ApiError(413, "payload_too_large", f"{what} of {declared_bytes} bytes is over the limit of "
-                                                         f"{limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "payload_too_large", f"{what} is over the limit of {limit} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        request._body = body  # starlette's own cache: lets request.form() parse what was already read
-        return body
-
-    async def _read_multipart(self, request: Request) -> list[tuple[str | None, bytes]]:
-        settings = self._settings
-        await self._read_body(request, settings.max_request_bytes, "request body")
-        try:
-            form = await request.form(max_files=settings.max_files, max_fields=settings.max_files + 16,
-                                      max_part_size=settings.max_image_bytes)
-        except (MultiPartException, StarletteHTTPException) as exc:  # starlette turns parser errors into 400s
-            message = str(getattr(exc, "detail", None) or getattr(exc, "message", None) or exc)
-            if message.startswith("Too many files"):
-                raise ApiError(400, "too_many_files",
-                               f"too many files: at most {settings.max_files} per request") from None
-            if message.startswith(("Part exceeded", "Field exceeded")):
-                raise ApiError(413, "payload_too_large",
-                               f"a form field is over the limit of {settings.max_image_bytes} bytes") from None
-            raise ApiError(400, "bad_multipart", f"malformed multipart body: {message}") from None
-        try:
-            parts = form.getlist("files")
-            if not parts:
-                fields = sorted(set(form.keys()))
-                raise ApiError(400, "no_files", "the multipart body has no 'files' part"
-                               + (f" (found {', '.join(fields)})" if fields else ""))
-            if len(parts) > settings.max_files:
-                raise ApiError(400, "too_many_files",
-                               f"too many files ({len(parts)}): at most {settings.max_files} per request")
-            uploads = []
-            for index, part in enumerate(parts):
-                if not isinstance(part, UploadFile):
-                    raise ApiError(400, "bad_multipart", f"files[{index}] is a text field, not a file upload")
-                part_type = (part.content_type or "").split(";", 1)[0].strip().lower()
-                if part_type not in PART_TYPES:
-                    raise ApiError(415, "unsupported_media_type",
-                                   f"files[{index}] ({part.filename}) has content type {part_type}: send image/jpeg, "
-                                   "image/png or image/webp")
-                if part.size is not None and part.size > settings.max_image_bytes:
-                    raise ApiError(413, "payload_too_large", f"files[{index}] ({part.filename}) has {part.size} "
-                                                             f"bytes, over the limit of {settings.max_image_bytes}")
-                data = await part.read()
-                if not data:
-                    raise ApiError(400, "empty_body", f"files[{index}] ({part.filename}) is empty")
-                uploads.append((part.filename, data))
-            return uploads
-        finally:
-            await form.close()
+            return await asyncio.wait_for(response, timeout=timeout)
+        except StaleTransformError:
+            raise
+        except asyncio.TimeoutError:
+            response.cancel()
+            log.warning("taxonet: the model deployment did not answer within %g s", timeout)
+            raise ApiError(504, "timeout", f"the model deployment did not answer within {timeout:g} s") from None
+        except (RayActorError, ActorUnavailableError) as exc:  # replica gone or starting
+            log.warning("taxonet: classifier replica unavailable: %r", exc)
+            raise ApiError(503, "unavailable", "the model deployment is not available; retry shortly",
+                           headers={"Retry-After": str(self._settings.retry_after_s)}) from None
+        except Exception as exc:
+            log.warning("taxonet: model deployment call failed: %r", exc)
+            raise ApiError(503, "unavailable", "the model deployment is not available; retry shortly",
+                           headers={"Retry-After": str(self._settings.retry_after_s)}) from None
 
 
 # ---------------------------------------------------------------------------------------------------- builder
-def app_builder(args: "ServeArgs | dict[str, Any]") -> serve.Application:
+def app_builder(args: ServeArgs | dict[str, Any]) -> serve.Application:
     """Build the application from :class:`ServeArgs` (a Serve config's ``args:``); only ``checkpoint`` is required.
 
     The classifier gets the checkpoint and batching through ``user_config``, so a Serve config that changes only
@@ -478,7 +344,8 @@ def app_builder(args: "ServeArgs | dict[str, Any]") -> serve.Application:
     user_config = config.classifier_config().model_dump()
     classifier = TaxonetClassifier.options(user_config=user_config, **config.classifier.options()).bind(
         device=config.device, defaults=user_config, graph=config.graph)
-    return TaxonetIngress.options(**config.ingress.options()).bind(classifier, config.ingress_settings())
+    return TaxonetIngress.options(**config.ingress.options()).bind(classifier,
+                                                                   config.ingress_settings().model_dump())
 
 
-__all__ = ["TaxonetClassifier", "TaxonetIngress", "app_builder", "error_response"]
+__all__ = ["StaleTransformError", "TaxonetClassifier", "TaxonetIngress", "app_builder"]

@@ -2,30 +2,42 @@
 
 Pydantic lives here because this is the configuration boundary: ``serve run``/``serve deploy`` hand a YAML mapping to
 :func:`taxonet.serve.app.app_builder`, and a typo or a bad value must fail the deploy with a message naming the field.
+
+One object per concern, each default stated once: :class:`ClassifierConfig` (the model deployment's ``user_config``),
+:class:`IngressSettings` (request limits, memory budget, timeouts of the HTTP side) and :class:`DeploymentArgs`
+(replica resources). :class:`ServeArgs` is both of the first two (it inherits their fields, so the Serve config's
+``args`` stay one flat mapping) plus the device and the two deployments' resources.
+
+The API token is never an argument: it would sit in plain text in the Serve config and the RayService. The ingress
+reads it from ``TAXONET_API_TOKEN`` or from the file named by ``TAXONET_API_TOKEN_FILE`` (:mod:`taxonet.serve.http`).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray.serve.config import AutoscalingConfig
 
 from taxonet.data.transforms import DEFAULT_MAX_PIXELS
+from taxonet.serve.predictor import DEFAULT_TOP_K
 
-#: environment variable read (in the ingress replica) when ``api_token`` is not given
+#: environment variable holding the bearer token(s), comma-separated (several: a rotation in progress)
 TOKEN_ENV = "TAXONET_API_TOKEN"
+#: environment variable naming a file (a mounted Secret) that holds the token(s), comma- or newline-separated
+TOKEN_FILE_ENV = "TAXONET_API_TOKEN_FILE"
 MIB = 1024 * 1024
+#: images per model batch (``@serve.batch``), unless configured otherwise
+DEFAULT_MAX_BATCH_SIZE = 32
+#: seconds a batch waits to fill, unless configured otherwise
+DEFAULT_BATCH_WAIT_S = 0.01
+#: replica count bounds of the default autoscaling
+DEFAULT_MAX_REPLICAS = 4
 
-
-def _check_autoscaling(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Validate against Serve's own AutoscalingConfig, so a mistake fails at build time, not in the controller."""
-    if value is None:
-        return None
-    from ray.serve.config import AutoscalingConfig
-
-    AutoscalingConfig.model_validate(value)
-    return dict(value)
+_TOKEN_IN_ARGS = (f"api_token is not accepted in the Serve args: it would be stored in plain text in the Serve config "
+                  f"and the RayService. Give the ingress replicas the token in the environment variable {TOKEN_ENV} "
+                  f"(from a Kubernetes Secret), or mount it as a file and set {TOKEN_FILE_ENV} to its path; several "
+                  f"tokens, comma-separated, are all accepted (rotation).")
 
 
 class DeploymentArgs(BaseModel):
@@ -36,25 +48,47 @@ class DeploymentArgs(BaseModel):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
+    #: calls waiting for a replica beyond which Serve answers 503 at once (-1: no limit). The ingress's own
+    #: ``max_concurrent_requests`` answers the JSON 503 first; this bounds what queues in front of it
+    max_queued_requests: int = Field(256, ge=-1)
     #: fixed replica count, used only when ``autoscaling`` is null
     num_replicas: int = Field(1, ge=1)
     #: Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, ...)
     autoscaling: dict[str, Any] | None = Field(
-        default_factory=lambda: {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16})
+        default_factory=lambda: {"min_replicas": 1, "max_replicas": DEFAULT_MAX_REPLICAS,
+                                 "target_ongoing_requests": 16})
     #: Serve's access log line per call (the ingress's: one per HTTP request; the classifier's: one per call from
     #: the ingress, off by default — it repeats the ingress's and costs the model replica's GIL time under load)
     access_log: bool = True
+    #: environment variables of this deployment's replicas (e.g. TAXONET_API_TOKEN_FILE=/var/run/secrets/token);
+    #: never the token itself
+    env_vars: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("autoscaling")
     @classmethod
     def _validate_autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return _check_autoscaling(value)
+        """Validate against Serve's own AutoscalingConfig, so a mistake fails at build time, not in the controller."""
+        if value is None:
+            return None
+        AutoscalingConfig.model_validate(value)
+        return dict(value)
+
+    @field_validator("env_vars")
+    @classmethod
+    def _no_token_in_env_vars(cls, value: dict[str, str]) -> dict[str, str]:
+        if TOKEN_ENV in value:
+            raise ValueError(_TOKEN_IN_ARGS)
+        return value
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.env_vars:
+            actor["runtime_env"] = {"env_vars": dict(self.env_vars)}
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": actor,
             "logging_config": {"enable_access_log": self.access_log},
         }
         if self.autoscaling is not None:
@@ -65,8 +99,10 @@ class DeploymentArgs(BaseModel):
 
 
 def _default_classifier() -> DeploymentArgs:
-    return DeploymentArgs(autoscaling={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32},
-                          access_log=False)
+    # the classifier's queue is bounded by the ingresses' admission (max_concurrent_requests per ingress replica)
+    return DeploymentArgs(autoscaling={"min_replicas": 1, "max_replicas": DEFAULT_MAX_REPLICAS,
+                                       "target_ongoing_requests": DEFAULT_MAX_BATCH_SIZE},
+                          max_queued_requests=-1, access_log=False)
 
 
 class ClassifierConfig(BaseModel):
@@ -77,41 +113,74 @@ class ClassifierConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: checkpoint directory: local path, file:// or s3:// (S3 settings from the environment)
     checkpoint: str = Field(min_length=1)
-    top_k: int = Field(3, ge=1)
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    #: the ingress's pixel limit, honoured too when the classifier decodes (its fallback during a rollout)
-    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    top_k: int = Field(DEFAULT_TOP_K, ge=1)
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1)
+    batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_S, ge=0)
+    #: ``taxonet_predictions`` series per rank: the first N labels a replica predicts get their own, the rest count
+    #: as "other" (a real taxonomy has thousands of species: one series each would swamp Prometheus)
+    label_series_per_rank: int = Field(20, ge=0)
 
 
-class ServeArgs(BaseModel):
-    """Arguments of the taxonet Serve application; only ``checkpoint`` is required."""
+class IngressSettings(BaseModel):
+    """The HTTP side's limits, memory budget and timeouts, per ingress replica (docs/api.md gives the worst-case
+    memory of a replica as a formula of these)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    #: checkpoint directory: local path, file:// or s3:// (S3 settings from the environment)
-    checkpoint: str = Field(min_length=1)
+    #: limit on one image's encoded size (a raw body, or one multipart file)
+    max_image_bytes: int = Field(10 * MIB, ge=1)
+    #: limit on a whole request body (multipart)
+    max_request_bytes: int = Field(64 * MIB, ge=1)
+    #: most images in one multipart request
+    max_files: int = Field(32, ge=1)
+    #: limit on one image's pixel count, read from its header: larger images are refused before decoding
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    #: limit on the summed pixel count of one request's images, checked from the headers before any is decoded
+    max_request_pixels: int = Field(5 * DEFAULT_MAX_PIXELS, ge=1)
+    #: pixels being decoded at once in one replica (summed over all its requests; a request decodes its images one
+    #: at a time): the replica's decode memory is about 10 bytes × this
+    decode_pixel_budget: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    #: classify requests one ingress replica works on at once; more are answered 503 with Retry-After at once
+    max_concurrent_requests: int = Field(8, ge=1)
+    #: seconds a client may take to send its body; slower is answered 408
+    body_timeout_s: float = Field(30.0, gt=0)
+    #: seconds the ingress waits for the model deployment's answer; longer is answered 504
+    classifier_timeout_s: float = Field(30.0, gt=0)
+    #: the Retry-After header (seconds) of a 503 answered under overload
+    retry_after_s: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _check_budgets(self) -> IngressSettings:
+        # an image at the per-image limit must fit the per-request and the decode budget, or it could never pass
+        for name in ("max_request_pixels", "decode_pixel_budget"):
+            if getattr(self, name) < self.max_image_pixels:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be at least max_image_pixels "
+                                 f"({self.max_image_pixels})")
+        return self
+
+
+class ServeArgs(ClassifierConfig, IngressSettings):
+    """Arguments of the taxonet Serve application: :class:`ClassifierConfig` and :class:`IngressSettings` (their
+    fields, flat), the device and the deployments' resources; only ``checkpoint`` is required."""
+
+    model_config = ConfigDict(extra="forbid")
+
     #: "auto" (CUDA when the replica was given a GPU), "cpu", "cuda" or "cuda:N"
     device: str = "auto"
     #: on CPU, run the model as a frozen TorchScript graph (no GIL during the forward pass; checked against the
     #: eager model at load, which is kept if tracing fails); no effect on CUDA
     graph: bool = True
-    top_k: int = Field(3, ge=1)
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    #: limit on one image's encoded size (a raw body, or one multipart file)
-    max_image_bytes: int = Field(10 * MIB, ge=1)
-    #: limit on one image's decoded pixel count: decompression bombs are refused from the header
-    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
-    #: most images in one multipart request
-    max_files: int = Field(32, ge=1)
-    #: limit on a whole request body (multipart)
-    max_request_bytes: int = Field(64 * MIB, ge=1)
-    #: bearer token required on /v1/*; null → $TAXONET_API_TOKEN in the ingress replica, unset → no auth
-    api_token: SecretStr | None = None
     ingress: DeploymentArgs = Field(default_factory=DeploymentArgs)
     classifier: DeploymentArgs = Field(default_factory=_default_classifier)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_token" in data:
+            raise ValueError(_TOKEN_IN_ARGS)
+        return data
 
     @field_validator("device")
     @classmethod
@@ -121,36 +190,19 @@ class ServeArgs(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _check_batching(self) -> "ServeArgs":
+    def _check_queues(self) -> ServeArgs:
         # A replica never holds more than max_ongoing_requests calls, so a bigger batch could never fill.
         if self.classifier.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"classifier.max_ongoing_requests ({self.classifier.max_ongoing_requests}) must be at "
                              f"least max_batch_size ({self.max_batch_size})")
+        # Serve must hand the ingress more requests than it admits, or Serve queues them and the JSON 503 never fires
+        if self.ingress.max_ongoing_requests < self.max_concurrent_requests:
+            raise ValueError(f"ingress.max_ongoing_requests ({self.ingress.max_ongoing_requests}) must be at least "
+                             f"max_concurrent_requests ({self.max_concurrent_requests})")
         return self
 
     def classifier_config(self) -> ClassifierConfig:
-        return ClassifierConfig(checkpoint=self.checkpoint, top_k=self.top_k, max_batch_size=self.max_batch_size,
-                                batch_wait_timeout_s=self.batch_wait_timeout_s, max_image_pixels=self.max_image_pixels)
+        return ClassifierConfig.model_validate(self.model_dump(include=set(ClassifierConfig.model_fields)))
 
-    def ingress_settings(self) -> "IngressSettings":
-        return IngressSettings(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
-                               max_files=self.max_files, max_request_bytes=self.max_request_bytes,
-                               api_token=self.api_token)
-
-
-class IngressSettings(BaseModel):
-    """The request limits and the token, as the ingress replica receives them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_image_bytes: int = 10 * MIB
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    max_files: int = 32
-    max_request_bytes: int = 64 * MIB
-    api_token: SecretStr | None = None
-
-    def token(self) -> str | None:
-        """The configured token, else $TAXONET_API_TOKEN (read in the replica, where the Secret is mounted)."""
-        if self.api_token is not None and self.api_token.get_secret_value():
-            return self.api_token.get_secret_value()
-        return os.environ.get(TOKEN_ENV) or None
+    def ingress_settings(self) -> IngressSettings:
+        return IngressSettings.model_validate(self.model_dump(include=set(IngressSettings.model_fields)))

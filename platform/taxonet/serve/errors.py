@@ -1,8 +1,9 @@
 """The API's error contract: every failure is JSON ``{"error": {"code": ..., "message": ...}}`` with a fitting status.
 
 Bad input is always a 4xx: 400 undecodable/corrupt image or malformed multipart, 401 missing/wrong token, 404/405
-unknown route or method, 413 too large (bytes or pixels), 415 unsupported media type, 422 invalid parameters.
-5xx is reserved for faults of the service itself (500) or a model that is not reachable (503).
+unknown route or method, 408 body not sent in time, 413 too large (bytes or pixels), 415 unsupported media type,
+422 invalid parameters. 5xx is reserved for the service itself: 500 a fault, 503 a model that is not reachable or a
+replica at its concurrency limit (with ``Retry-After``), 504 a model that did not answer in time.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ DECODE_ERRORS = {
     "too_large": (413, "image_too_large"),
 }
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
-                 422: "invalid_request", 500: "internal_error", 503: "unavailable"}
+                 405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
+                 415: "unsupported_media_type", 422: "invalid_request", 500: "internal_error", 503: "unavailable",
+                 504: "timeout"}
 
 
 class ApiError(Exception):
@@ -94,8 +96,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (400, "Corrupt or undecodable image, empty body, malformed multipart, no or too many files"),
         (401, "A token is configured and the Authorization header is missing or wrong"),
-        (413, "Body, file or decoded pixel count over the configured limit"),
+        (408, "The request body did not arrive within body_timeout_s"),
+        (413, "Body, file, image pixel count or the request's summed pixel count over the configured limit"),
         (415, "Content type or image format not accepted (send image/jpeg, image/png or image/webp)"),
-        (503, "The model deployment is not reachable"),
+        (503, "The model deployment is not reachable, or this replica is at max_concurrent_requests "
+              "(Retry-After says when to retry)"),
+        (504, "The model deployment did not answer within classifier_timeout_s"),
     )
 }

@@ -4,11 +4,19 @@ Names start with ``taxonet_``; on export Ray prefixes ``ray_`` and counters gain
 the exported names, checked against a live /metrics by tests/serve/test_metrics_e2e.py). Built on
 ``ray.serve.metrics`` — ``ray.util.metrics`` plus the replica's ``application``, ``deployment`` and ``replica``
 tags — and created inside replicas (never at import time).
+
+Label values stay bounded whatever the taxonomy's size: ``taxonet_predictions{rank,label}`` has its own series for
+the first ``label_series_per_rank`` labels a replica predicts per rank (0: none) and counts the others under
+``label="other"``; ``taxonet_unsure{rank}`` counts unsure answers per rank.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from taxonet.serve.predictor import ImageAnswer
 
 #: seconds; from 1 ms (decode of a small crop) to 10 s (a cold GPU batch)
 LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -24,14 +32,14 @@ BATCH_SIZE = "taxonet_batch_size"
 PREDICTIONS = "taxonet_predictions"
 UNSURE = "taxonet_unsure"
 MODEL_INFO = "taxonet_model_info"
+#: label value of the predictions past the per-rank series limit
+OTHER_LABEL = "other"
 
 
 class IngressMetrics:
     """Requests by route and status; decode and total latency."""
 
     def __init__(self) -> None:
-        from ray.serve.metrics import Counter, Histogram
-
         self.requests = Counter(REQUESTS, description="HTTP requests answered, by route and status code",
                                 tag_keys=("route", "status"))
         self.latency = Histogram(STAGE_LATENCY, description="Latency per stage: decode (one image, incl. "
@@ -48,15 +56,16 @@ class IngressMetrics:
 class ClassifierMetrics:
     """Batch sizes, inference latency, predictions and unsure answers per rank, and the loaded model."""
 
-    def __init__(self) -> None:
-        from ray.serve.metrics import Counter, Gauge, Histogram
-
+    def __init__(self, label_series_per_rank: int = 0) -> None:
+        self.label_series_per_rank = label_series_per_rank
+        self._labels: dict[str, set[str]] = {}
         self.latency = Histogram(STAGE_LATENCY, description="Latency per stage: decode (one image, incl. "
                                  "preprocessing), inference (one batch), total (one classify request)",
                                  boundaries=LATENCY_BOUNDARIES, tag_keys=("stage",))
         self.batch_size = Histogram(BATCH_SIZE, description="Images per model batch",
                                     boundaries=BATCH_BOUNDARIES)
-        self.predictions = Counter(PREDICTIONS, description="Predicted labels (per-rank winners), by rank and label",
+        self.predictions = Counter(PREDICTIONS, description="Predicted labels (per-rank winners), by rank and label "
+                                   "(labels past the per-rank series limit count as 'other')",
                                    tag_keys=("rank", "label"))
         self.unsure = Counter(UNSURE, description="Predictions below their class's anomaly threshold, by rank",
                               tag_keys=("rank",))
@@ -64,16 +73,26 @@ class ClassifierMetrics:
                                 tag_keys=("name", "version"))
         self._model: tuple[str, str] | None = None
 
-    def batch(self, size: int, seconds: float, answers: list[dict[str, Any]]) -> None:
+    def _label(self, rank: str, label: str) -> str:
+        seen = self._labels.setdefault(rank, set())
+        if label in seen:
+            return label
+        if len(seen) < self.label_series_per_rank:
+            seen.add(label)
+            return label
+        return OTHER_LABEL
+
+    def batch(self, size: int, seconds: float, answers: Sequence[ImageAnswer]) -> None:
         self.batch_size.observe(size)
         self.latency.observe(seconds, tags={"stage": "inference"})
         counts: dict[tuple[str, str], int] = {}
         unsure: dict[str, int] = {}
         for answer in answers:
-            for rank, entry in answer["ranks"].items():
-                if entry["label"] is not None:
-                    counts[(rank, entry["label"])] = counts.get((rank, entry["label"]), 0) + 1
-                if not entry["reliable"]:
+            for rank, entry in answer.ranks.items():
+                if entry.label is not None:
+                    key = (rank, self._label(rank, entry.label))
+                    counts[key] = counts.get(key, 0) + 1
+                if not entry.reliable:
                     unsure[rank] = unsure.get(rank, 0) + 1
         for (rank, label), count in counts.items():
             self.predictions.inc(count, tags={"rank": rank, "label": label})
