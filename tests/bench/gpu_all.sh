@@ -4,7 +4,7 @@
 # anchor, and serving over HTTP through Ray Serve with the classifier on the GPU next to the in-process GPU
 # predictor; then one summary table. Output tee'd to $OUT/gpu_bench.log, results as JSON/Markdown under $OUT.
 #
-# Before the call, on the CPU machine (once): bash tests/bench/gpu_pack_ray.sh 3.12   (WITH_SERVE=1 adds Ray Serve)
+# Before the call, on the CPU machine (once): WITH_SERVE=1 bash tests/bench/gpu_pack_ray.sh 3.12 (Ray with Serve)
 # and `.raypack` in .git/info/exclude; then the device call, with carry [".raypack"]:
 #   bash tests/bench/gpu_all.sh                 # train + serve + decode + summary
 #   bash tests/bench/gpu_all.sh train           # a subset of: train serve decode summary smoke loop predictor

@@ -227,8 +227,12 @@ def main() -> None:
                 ray_started = True
             threads: int | str = args.loader_threads if args.loader_threads == "auto" else int(args.loader_threads)
             for decode in args.decode.split(","):
-                history = product_run(case, datasets[side], str(work / "runs"), epochs, cpus,
-                                      1 if args.smoke else threads, cuda, augment, decode)
+                try:
+                    history = product_run(case, datasets[side], str(work / "runs"), epochs, cpus,
+                                          1 if args.smoke else threads, cuda, augment, decode)
+                except Exception as exc:  # one failing mode must not cost the other cases their numbers
+                    print(f"{case.name}, decode {decode}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+                    continue
                 after = [h for h in history if h["epoch"] >= 1]
                 per_epoch = [round(h["images_per_s"], 1) for h in history]
                 mean_after = statistics.mean(h["images_per_s"] for h in after) if after else float("nan")
@@ -237,9 +241,16 @@ def main() -> None:
                                 "ratio": mean_after / rate,
                                 "first_batch_s": [round(h.get("first_batch_s", float("nan")), 2) for h in history],
                                 "steps": case.steps})
+                write_results(header, results, args.out)
     finally:
         if ray_started:
             ray.shutdown()
+    print(write_results(header, results, args.out))
+
+
+def write_results(header: str, results: list[dict], out: str) -> str:
+    """The Markdown table of ``results``; also written (with the raw JSON) under ``out`` when given — after every
+    run, so that a run stopped by its time limit leaves the cases it finished."""
     lines = [header, "",
              "| case | decode | batch | stored px | anchor img/s (tensors) | taxonet train img/s per epoch | "
              "after warm-up | ratio | first batch s per epoch |",
@@ -249,13 +260,12 @@ def main() -> None:
                      f"{' / '.join(f'{v:,.0f}' for v in r['per_epoch'])} | {r['after_warmup']:,.0f} | "
                      f"{r['ratio']:.2f} | {' / '.join(str(v) for v in r['first_batch_s'])} |")
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_product_train.md").write_text(table + "\n")
-        (out / "gpu_product_train.json").write_text(json.dumps(results, indent=2))
-
+    if out:
+        directory = Path(out)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "gpu_product_train.md").write_text(table + "\n")
+        (directory / "gpu_product_train.json").write_text(json.dumps(results, indent=2))
+    return table
 
 if __name__ == "__main__":
     main()
