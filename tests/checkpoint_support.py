@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import boto3
+
+from taxonet import storage
+from taxonet.checkpoint import MANIFEST
 from taxonet.taxonomy import Taxonomy
 
 
@@ -38,3 +43,28 @@ def other_taxonomy() -> Taxonomy:
     order, family, _ = demo.rows()[0]
     rows = demo.rows() + [[order, family, "Novel species"]]
     return Taxonomy.from_rows(rows, ranks=demo.ranks)
+
+
+#: ways a published version goes bad after the fact (bit rot, tampering, a half-finished copy); "dotdot key" needs S3
+DAMAGES = ("bad hash", "missing file", "unlisted extra file", "escaping manifest entry", "dotdot key")
+
+
+def damage_version(version: str, damage: str) -> None:
+    """Damage the checkpoint at URI ``version`` in one of the ways of :data:`DAMAGES`."""
+    manifest = json.loads(storage.read_bytes(storage.join(version, MANIFEST)))
+    if damage == "bad hash":
+        data = bytearray(storage.read_bytes(storage.join(version, "model.pt")))
+        data[-10] ^= 0xFF
+        storage.write_bytes(storage.join(version, "model.pt"), bytes(data))
+    elif damage == "missing file":
+        storage.delete_files([storage.join(version, "thresholds.json")])
+    elif damage == "unlisted extra file":
+        storage.write_bytes(storage.join(version, "thresholds-old.json"), b"{}")
+    elif damage == "escaping manifest entry":
+        manifest["files"]["../../aliases/production.json"] = {"sha256": "0" * 64, "bytes": 10}
+        storage.write_bytes(storage.join(version, MANIFEST), json.dumps(manifest).encode())
+    elif damage == "dotdot key":
+        bucket, key = storage.split_s3(version)
+        boto3.client("s3").put_object(Bucket=bucket, Key=f"{key}/../../../evil/.bashrc", Body=b"x")
+    else:
+        raise AssertionError(damage)

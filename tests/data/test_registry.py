@@ -20,7 +20,7 @@ from taxonet.checkpoint import MANIFEST, load_checkpoint, verify_checkpoint
 from taxonet.config import load_config
 from taxonet.errors import CheckpointError, StorageError
 from taxonet.registry import NotPublishedError, RegistryError
-from tests.checkpoint_support import other_taxonomy, tiny_checkpoint
+from tests.checkpoint_support import DAMAGES, damage_version, other_taxonomy, tiny_checkpoint
 
 pytestmark = [pytest.mark.data, pytest.mark.timeout(300)]
 
@@ -152,30 +152,7 @@ def test_promotion_refuses_a_taxonomy_change_unless_allowed(models: str, checkpo
 
 
 # ---------------------------------------------------------------------------------------------------- corruption
-def _damage(version: str, damage: str) -> None:
-    manifest = json.loads(storage.read_bytes(storage.join(version, MANIFEST)))
-    if damage == "bad hash":
-        data = bytearray(storage.read_bytes(storage.join(version, "model.pt")))
-        data[-10] ^= 0xFF
-        storage.write_bytes(storage.join(version, "model.pt"), bytes(data))
-    elif damage == "missing file":
-        storage.delete_files([storage.join(version, "thresholds.json")])
-    elif damage == "unlisted extra file":
-        storage.write_bytes(storage.join(version, "thresholds-old.json"), b"{}")
-    elif damage == "escaping manifest entry":
-        manifest["files"]["../../aliases/production.json"] = {"sha256": "0" * 64, "bytes": 10}
-        storage.write_bytes(storage.join(version, MANIFEST), json.dumps(manifest).encode())
-    elif damage == "dotdot key":
-        import boto3
-
-        bucket, key = storage.split_s3(version)
-        boto3.client("s3").put_object(Bucket=bucket, Key=f"{key}/../../../evil/.bashrc", Body=b"x")
-    else:
-        raise AssertionError(damage)
-
-
-@pytest.mark.parametrize("damage", ["bad hash", "missing file", "unlisted extra file", "escaping manifest entry",
-                                    "dotdot key"])
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_a_corrupt_version_is_refused_and_the_alias_stays(models: str, checkpoints: dict[str, Path],
                                                           damage: str, tmp_path: Path) -> None:
     if damage == "dotdot key" and not storage.is_s3(models):
@@ -184,7 +161,7 @@ def test_a_corrupt_version_is_refused_and_the_alias_stays(models: str, checkpoin
     registry.publish(checkpoints["b"], models, "demo")
     registry.promote(models, "demo", 1, "production")
     v2 = registry.version_uri(models, "demo", 2)
-    _damage(v2, damage)
+    damage_version(v2, damage)
     with pytest.raises(RegistryError, match="does not verify"):
         registry.promote(models, "demo", 2, "production")
     with pytest.raises(CheckpointError):

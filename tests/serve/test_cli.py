@@ -63,6 +63,8 @@ def test_serve_refuses_a_missing_checkpoint_before_starting_ray(tmp_path: Path,
     (tmp_path / "half").mkdir()
     assert main(["serve", "--checkpoint", str(tmp_path / "half")]) == 2
     assert "not a complete taxonet checkpoint" in capsys.readouterr().err
+    assert main(["serve", "--model", "gs://bucket/models/demo@production"]) == 2
+    assert "gs://" in capsys.readouterr().err
 
 
 @pytest.mark.integration

@@ -31,6 +31,7 @@ EXPORTED = {
     "ray_taxonet_predictions_total": "counter",
     "ray_taxonet_unsure_total": "counter",
     "ray_taxonet_model_info": "gauge",
+    "ray_taxonet_model_ready": "gauge",
 }
 
 
@@ -99,7 +100,7 @@ def test_prometheus_counts_exactly_the_requests_sent(app: str, prometheus: str, 
     wait_for_value(prometheus, f'sum(ray_taxonet_stage_latency_seconds_count{{{selector},stage="total"}})', sent)
     wait_for_value(prometheus, f'sum(ray_taxonet_stage_latency_seconds_count{{{selector},stage="decode"}})', 6)
     wait_for_value(prometheus, f'sum(ray_taxonet_stage_latency_seconds_count{{{selector},stage="inference"}})', 6)
-    wait_for_value(prometheus, f'sum(ray_taxonet_model_info{{{selector},version="{VERSION}",name="quick"}})', 1)
+    wait_for_value(prometheus, f'sum(ray_taxonet_model_info{{{selector},version="{VERSION}",model="quick"}})', 1)
     buckets = query(prometheus, f'sum by (le) (ray_taxonet_stage_latency_seconds_bucket{{{selector},stage="total"}})')
     assert max(buckets.values()) == sent  # the +Inf bucket holds every request
 

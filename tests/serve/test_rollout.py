@@ -5,7 +5,8 @@ Two ways a model is replaced:
 * ``serve.run`` again with new arguments (what ``taxonet serve`` and scripts do) — Serve starts new replicas and
   drains the old ones;
 * a Serve config whose only change is the classifier's ``user_config`` (what ``serve deploy`` and the RayService do)
-  — the running replicas load the new checkpoint in place (``reconfigure``), no replica is replaced.
+  — the running replicas load the new checkpoint in place (``reconfigure``), no replica is replaced; a refused one
+  is kept out, also by a replica added afterwards.
 
 The new checkpoint also changes the input size (32 → 40 px), so the ingress must pick up the new preprocessing.
 """
@@ -134,12 +135,13 @@ def test_user_config_rolls_out_in_place_without_failed_requests(serve_http: str,
     cleanup(app)
     client = _get_global_client()
 
-    def config(classifier_user_config: dict[str, Any] | None) -> ServeDeploySchema:
+    def config(classifier_user_config: dict[str, Any] | None, replicas: int = 1) -> ServeDeploySchema:
         application: dict[str, Any] = {"name": app, "route_prefix": prefix,
                                        "import_path": "taxonet.serve.app:app_builder",
                                        "args": app_args(versions["rollout-v1"])}
         if classifier_user_config is not None:
-            application["deployments"] = [{"name": "TaxonetClassifier", "user_config": classifier_user_config}]
+            application["deployments"] = [{"name": "TaxonetClassifier", "user_config": classifier_user_config,
+                                           "num_replicas": replicas}]
         return ServeDeploySchema.model_validate({"applications": [application]})
 
     client.deploy_apps(config(None), _blocking=True)
@@ -172,3 +174,22 @@ def test_user_config_rolls_out_in_place_without_failed_requests(serve_http: str,
                           timeout=30)
     assert response.status_code == 200 and response.json()["model"]["version"] == "rollout-v2"
     assert {d: replica_names(app, d) for d in before} == before  # nothing was taken down
+
+    # Serve recorded the refused user_config: a replica started now (scale-up) must not fail on it. It refuses the
+    # broken checkpoint too and serves what the running replica serves.
+    client.deploy_apps(config({"checkpoint": str(broken)}, replicas=2), _blocking=True)
+    seen: dict[str, dict[str, Any]] = {}
+
+    def both() -> bool:
+        info = httpx.get(f"{serve_http}{prefix}/v1/model", timeout=30).json()
+        seen[info["replica"]] = info
+        return len(seen) == 2
+
+    wait_for(both, timeout=120, interval=0.2, what="/v1/model from both classifier replicas")
+    assert before["TaxonetClassifier"] < replica_names(app, "TaxonetClassifier")
+    for info in seen.values():
+        assert info["version"] == "rollout-v2" and info["ready"] is True, info
+        assert "does not match" in info["rollout_error"] and info["model_reference"] == str(broken)
+    with httpx.Client(base_url=serve_http + prefix, timeout=30) as http:
+        answers = [http.post("/v1/classify", content=jpeg, headers={"content-type": "image/jpeg"}) for _ in range(6)]
+    assert all(r.status_code == 200 and r.json()["model"]["version"] == "rollout-v2" for r in answers)

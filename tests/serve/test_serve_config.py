@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from taxonet.serve.config import ClassifierConfig, IngressSettings, ServeArgs
+from taxonet.serve.config import MODEL_POLL_S, ClassifierConfig, IngressSettings, ServeArgs
 
 pytestmark = pytest.mark.unit
 
@@ -52,13 +52,34 @@ def test_classifier_user_config_is_partial_over_the_args_and_strict() -> None:
     args = ServeArgs.model_validate({"checkpoint": "s3://b/one", "top_k": 5, "classifier": {"autoscaling": None,
                                                                                           "num_replicas": 2}})
     base = args.classifier_config().model_dump()
-    assert base == {"checkpoint": "s3://b/one", "top_k": 5, "max_batch_size": 32, "batch_wait_timeout_s": 0.01,
-                    "label_series_per_rank": 20}
-    merged = ClassifierConfig.model_validate({**base, "checkpoint": "s3://b/two"})
-    assert merged.checkpoint == "s3://b/two" and merged.top_k == 5
+    assert base == {"model": "s3://b/one", "model_poll_s": MODEL_POLL_S, "top_k": 5, "max_batch_size": 32,
+                    "batch_wait_timeout_s": 0.01, "label_series_per_rank": 20}
+    # a user_config may name the new model under either name; it replaces the args' reference
+    for key in ("checkpoint", "model"):
+        merged = ClassifierConfig.layered(base, {key: "s3://b/two"})
+        assert merged.model == merged.checkpoint == "s3://b/two" and merged.top_k == 5
+    assert ClassifierConfig.layered(base, {"top_k": 1}).model == "s3://b/one"
     with pytest.raises(ValidationError):
-        ClassifierConfig.model_validate({**base, "chekpoint": "s3://b/two"})
+        ClassifierConfig.layered(base, {"chekpoint": "s3://b/two"})
+    with pytest.raises(ValidationError, match="not both"):
+        ClassifierConfig.layered(base, {"checkpoint": "s3://b/two", "model": "s3://b/three"})
     assert args.classifier.options()["num_replicas"] == 2 and "autoscaling_config" not in args.classifier.options()
+
+
+def test_model_is_a_reference_or_a_checkpoint_exactly_once_and_polled() -> None:
+    args = ServeArgs.model_validate({"model": "s3://b/models/demo@production"})
+    assert args.model == args.checkpoint == "s3://b/models/demo@production" and args.model_poll_s == MODEL_POLL_S
+    assert ServeArgs.model_validate({"checkpoint": "runs/x/best"}).model == "runs/x/best"
+    with pytest.raises(ValidationError, match="not both"):
+        ServeArgs.model_validate({"model": "a@production", "checkpoint": "runs/x/best"})
+    with pytest.raises(ValidationError, match="model_poll_s"):
+        ServeArgs.model_validate({"model": "x", "model_poll_s": 0})
+    for bad in ("gs://bucket/models/demo@production", "s3://b/models/demo@-bad"):
+        with pytest.raises(ValidationError, match="model"):
+            ServeArgs.model_validate({"model": bad})
+        with pytest.raises(ValidationError, match="model"):
+            ClassifierConfig.layered({"model": "x"}, {"model": bad})
+    assert ServeArgs.model_validate({"model": "x", "model_poll_s": 2.5}).classifier_config().model_poll_s == 2.5
 
 
 def test_api_token_in_the_args_is_refused_with_where_to_put_it() -> None:

@@ -1,6 +1,7 @@
 """CLI verbs for serving: ``serve`` (the HTTP API on Ray Serve, until Ctrl-C) and ``classify`` (images → answers).
 
-``taxonet serve --checkpoint URI`` starts an embedded local Ray (or joins ``--address`` / $RAY_ADDRESS), deploys
+``taxonet serve --model REF`` (a checkpoint URI or ``MODELS/NAME@ALIAS``, followed while serving) starts an embedded
+local Ray (or joins ``--address`` / $RAY_ADDRESS), deploys
 ``taxonet.serve.app:app_builder`` and blocks; Ctrl-C or SIGTERM removes the application (and stops the embedded Ray).
 ``taxonet classify TARGET IMAGES...`` answers with the in-process predictor when TARGET is a checkpoint, or POSTs the
 images to a running server when TARGET is an http(s) URL; it prints one JSON object per image.
@@ -23,7 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve (until Ctrl-C)",
                                   description="Serve a checkpoint: POST /v1/classify, GET /v1/taxonomy, /v1/model, "
                                               "/healthz, OpenAPI at /docs (docs/api.md).")
-    serve.add_argument("--checkpoint", required=True, help="checkpoint directory: local path, file:// or s3://")
+    serve.add_argument("--model", "--checkpoint", dest="model", required=True,
+                       help="what to serve, followed while serving: a checkpoint directory (local path, file:// or "
+                            "s3://) or a registry reference MODELS/NAME@ALIAS (docs/models.md); --checkpoint is "
+                            "its older name")
+    serve.add_argument("--model-poll", type=float, default=None,
+                       help="seconds between polls of --model (default: ServeArgs.model_poll_s, 30)")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     serve.add_argument("--device", default="auto",
@@ -63,18 +69,22 @@ def _serve(args: argparse.Namespace) -> int:
     from taxonet.serve.app import app_builder
     from taxonet.serve.config import TOKEN_ENV
 
-    if not args.checkpoint.startswith("s3://"):
-        # fail here with one clear line, not after Serve has retried starting replicas on a typo'd path
+    from taxonet import registry, storage
+
+    reference = registry.parse_reference(args.model)  # a malformed reference or unknown scheme: one clear line
+    if not reference.is_registry and storage.is_local(args.model):
+        # a local checkpoint must exist now (a typo'd path would only make the server wait); a registry alias may
+        # be promoted after the server starts
         from taxonet.checkpoint import materialize, read_manifest
 
-        read_manifest(materialize(args.checkpoint))
+        read_manifest(materialize(args.model))
     embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
     token = args.token or os.environ.get(TOKEN_ENV)
     if token:  # the ingress reads it from its environment (never from Serve args); embedded Ray's workers inherit it
         os.environ[TOKEN_ENV] = token
     raycluster.init(args.address, num_cpus=args.num_cpus)
     app_args: dict[str, Any] = {
-        "checkpoint": args.checkpoint, "device": args.device, "top_k": args.top_k,
+        "model": args.model, "device": args.device, "top_k": args.top_k,
         "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait,
         "ingress": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": args.max_replicas,
                                                      "target_ongoing_requests": 16}},
@@ -83,13 +93,15 @@ def _serve(args: argparse.Namespace) -> int:
                        "autoscaling": {"min_replicas": 1, "max_replicas": args.max_replicas,
                                        "target_ongoing_requests": max(1, args.max_batch_size)}},
     }
+    if args.model_poll is not None:
+        app_args["model_poll_s"] = args.model_poll
     stop = _stop_on_signals()
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         host, port = _http_address(args.host, args.port)
         serve.run(app_builder(app_args), name=args.name, route_prefix=args.route_prefix)
         base = f"http://{host}:{port}{args.route_prefix.rstrip('/')}"
-        print(f"taxonet: serving {args.checkpoint} at {base}/v1/classify (OpenAPI: {base}/docs); "
+        print(f"taxonet: serving {args.model} at {base}/v1/classify (OpenAPI: {base}/docs); "
               f"Ctrl-C to stop", flush=True)
         while not stop["now"]:
             time.sleep(0.5)

@@ -5,9 +5,13 @@
                      + eval transform, one image at a time        top-k per rank, metrics
 
 Import path for ``serve run`` / ``serve deploy`` / the RayService: ``taxonet.serve.app:app_builder`` with the
-arguments of :class:`taxonet.serve.config.ServeArgs`. The classifier's ``user_config`` (:class:`ClassifierConfig`)
-is applied in place by ``reconfigure``: batching changes at once, and a new checkpoint is loaded beside the running
-model and swapped in when ready, so a rollout fails no request.
+arguments of :class:`taxonet.serve.config.ServeArgs`. The classifier follows a model reference — a checkpoint URI
+or a registry alias ``MODELS/NAME@ALIAS`` — polled every ``model_poll_s`` (:mod:`taxonet.serve.follower`): a new
+version is verified, loaded beside the running model and swapped in between batches, each request answered wholly by
+the model live when it arrived; a version that fails is refused and the old one stays. Until a model is loaded the
+app runs: ``/healthz`` 200, ``/readyz`` and ``/v1/classify`` 503 with ``Retry-After``. The classifier's
+``user_config`` (:class:`ClassifierConfig`) is applied in place by ``reconfigure`` under the same rules: batching
+changes at once, a new reference is followed, so a rollout fails no request.
 
 The ingress preprocesses with the transform the classifier reports (from the checkpoint) and sends its key with the
 pixels; if a rollout changed the transform meanwhile, the classifier refuses them (:class:`StaleTransformError`) and
@@ -20,6 +24,7 @@ the ingress prepares the request again with the new transform. HTTP parsing, aut
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from typing import Any
 
@@ -32,9 +37,11 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from taxonet.data.transforms import ImageDecodeError, TransformSpec
-from taxonet.serve.config import (DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, TOKEN_ENV, TOKEN_FILE_ENV,
-                                  ClassifierConfig, IngressSettings, ServeArgs)
+from taxonet.registry import ResolvedModel
+from taxonet.serve.config import (DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, MODEL_POLL_S, TOKEN_ENV,
+                                  TOKEN_FILE_ENV, ClassifierConfig, IngressSettings, ServeArgs)
 from taxonet.serve.errors import ERROR_RESPONSES, ApiError, install_error_handlers
+from taxonet.serve.follower import ModelFollower, ModelNotReady
 from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetrics, Upload, load_tokens,
                                 read_uploads)
 from taxonet.serve.metrics import ClassifierMetrics, IngressMetrics
@@ -45,6 +52,8 @@ log = logging.getLogger("ray.serve")
 
 #: a request whose transform went stale is prepared again at most this many times (rollouts are minutes apart)
 STALE_RETRIES = 3
+#: how long a new classifier replica whose reference was refused waits for a running one to say what it serves
+PEER_TIMEOUT_S = 10.0
 
 
 class StaleTransformError(RuntimeError):
@@ -55,7 +64,12 @@ class StaleTransformError(RuntimeError):
 @serve.deployment(name="TaxonetClassifier")
 class TaxonetClassifier:
     """Holds a :class:`Predictor`; answers one request's images per call, batched image by image across callers
-    by ``@serve.batch``. On CPU the model runs as a frozen TorchScript graph unless ``graph`` is False."""
+    by ``@serve.batch``. On CPU the model runs as a frozen TorchScript graph unless ``graph`` is False.
+
+    The model follows a reference (:class:`taxonet.serve.follower.ModelFollower`): polled every ``model_poll_s``,
+    a new version is verified and loaded beside the old one and swapped in between batches; each request keeps the
+    predictor that was live when it arrived. Until a model is loaded the replica runs and says it is not ready.
+    """
 
     def __init__(self, device: str, defaults: dict[str, Any], graph: bool) -> None:
         self._device = device
@@ -63,51 +77,115 @@ class TaxonetClassifier:
         self._defaults = dict(defaults)
         self._config: ClassifierConfig | None = None
         self._predictor: Predictor | None = None
+        self._follower: ModelFollower[Predictor] | None = None
+        self._poller: asyncio.Task[None] | None = None
         self._rollout_error: str | None = None
         self._reload_lock = asyncio.Lock()
         self._metrics = ClassifierMetrics()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply batching settings at once; load a new checkpoint beside the old model and swap when ready.
+        """Apply batching settings at once; follow the (possibly new) model reference.
 
-        The first load failing fails the replica (a deploy with a bad checkpoint must not look healthy). A later
-        load failing keeps the running model and reports the problem in GET /v1/model (``rollout_error``).
+        Never fails for a model that cannot be loaded (the replica keeps what it had, or waits, and says so in
+        GET /v1/model): a refused rollout must not become a config that later replicas cannot start with. Invalid
+        settings are refused the same way once the replica runs; on a fresh replica they fall back to the
+        application's arguments.
         """
-        config = ClassifierConfig.model_validate({**self._defaults, **(user_config or {})})
+        try:
+            config = ClassifierConfig.layered(self._defaults, user_config)
+        except ValueError as exc:
+            self._rollout_error = f"user_config refused: {exc}"
+            log.error("taxonet: %s", self._rollout_error)
+            if self._config is not None:
+                return
+            config = ClassifierConfig.layered(self._defaults, None)
+        else:
+            self._rollout_error = None
         self._predict_batch.set_max_batch_size(config.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self._metrics.label_series_per_rank = config.label_series_per_rank
         async with self._reload_lock:
-            current = self._config
-            if self._predictor is not None and current is not None and current.checkpoint == config.checkpoint:
+            self._config = config
+            if self._predictor is not None:
                 self._predictor.top_k = config.top_k
-                self._config, self._rollout_error = config, None
-                return
-            try:
-                predictor = await asyncio.to_thread(Predictor.from_checkpoint, config.checkpoint, self._device,
-                                                    top_k=config.top_k, graph=self._graph)
-            except Exception as exc:
-                if self._predictor is None:
-                    raise
-                self._rollout_error = f"checkpoint {config.checkpoint} not loaded, still serving " \
-                                      f"{self._predictor.version}: {exc}"
-                log.error("taxonet: %s", self._rollout_error)
-                return
-            self._predictor, self._config, self._rollout_error = predictor, config, None
+            if self._follower is None:
+                self._follower = ModelFollower(config.model, self._load)
+                await self._poll()
+                args_model = self._defaults.get("model")
+                if self._predictor is None and self._follower.refused and args_model != config.model:
+                    # a new replica (scale-up, restart) whose recorded user_config reference was refused: serve what
+                    # the running replicas serve if one answers, else the application's own reference (args)
+                    self._follower.fallback = await self._peer_model() or args_model
+                    await self._poll()
+            elif self._follower.reference != config.model:
+                self._follower.follow(config.model)
+                await self._poll()
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def _peer_model(self) -> str | None:
+        """The checkpoint another running replica of this deployment serves (None if none answers in time)."""
+        context = serve.get_replica_context()
+        try:
+            handle = serve.get_deployment_handle(context.deployment, context.app_name)
+            info = await asyncio.wait_for(handle.describe.remote(), timeout=PEER_TIMEOUT_S)
+        except Exception as exc:  # no running peer (a fresh deploy), or it is busy: the args are the fallback
+            log.info("taxonet: no running replica told its model (%r)", exc)
+            return None
+        live = info.get("live") or {}
+        return live.get("uri")
+
+    def _load(self, resolved: ResolvedModel) -> Predictor:
+        config = self._config
+        assert config is not None
+        predictor = Predictor.from_checkpoint(resolved.uri, self._device, top_k=config.top_k, graph=self._graph)
+        # a registry version's answers name the model and version number the registry gave it
+        predictor.info.update(name=resolved.name, version=resolved.version, model_reference=resolved.reference)
+        return predictor
+
+    async def _poll(self) -> None:
+        """One poll of the reference (in a thread: it reads storage and may load a model); swap in a new model."""
+        follower = self._follower
+        assert follower is not None
+        result = await asyncio.to_thread(follower.poll)
+        if result.served is not None:
+            predictor = result.served.model
+            self._predictor = predictor  # atomic: each request pinned the predictor it started with
             self._metrics.serving(predictor.name, predictor.version)
-            log.info("taxonet: serving %s %s from %s on %s", predictor.name, predictor.version, config.checkpoint,
-                     predictor.device)
+            log.info("taxonet: serving %s %s from %s on %s", predictor.name, predictor.version,
+                     result.served.resolved.uri, predictor.device)
+        if result.is_failure:
+            self._metrics.load_failed()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            config = self._config
+            await asyncio.sleep(config.model_poll_s if config else MODEL_POLL_S)
+            try:
+                async with self._reload_lock:
+                    await self._poll()
+            except Exception:  # never let one bad poll stop the following
+                log.exception("taxonet: polling the model reference failed")
 
     def check_health(self) -> None:
-        if self._predictor is None:
-            raise RuntimeError("no model loaded")
+        if self._poller is not None and self._poller.done():
+            raise RuntimeError("the model poller stopped")
 
     def describe(self) -> dict[str, Any]:
-        info = self._require().describe()
+        """GET /v1/model: the live model (if any), the followed reference and the last attempt's outcome."""
+        follower = self._follower
+        info: dict[str, Any] = {"name": None, "version": None, "checkpoint": None, "transform": None}
+        if self._predictor is not None:
+            info.update(self._predictor.describe())
+        if follower is not None:
+            info.update(follower.status())
+        info["ready"] = self._predictor is not None
+        info["replica"] = serve.get_replica_context().replica_id.unique_id
         config = self._config
         info["max_batch_size"] = config.max_batch_size if config else None
         info["batch_wait_timeout_s"] = config.batch_wait_timeout_s if config else None
-        info["rollout_error"] = self._rollout_error
+        info["model_poll_s"] = config.model_poll_s if config else None
+        info["rollout_error"] = self._rollout_error or (follower.last_error if follower else None)
         return info
 
     def taxonomy(self) -> dict[str, Any]:
@@ -124,14 +202,31 @@ class TaxonetClassifier:
         queue-length probe, (de)serialisation, metrics) runs in this replica's process and shares its GIL with the
         forward pass. The images still batch one by one with other requests' images in ``_predict_batch``.
         """
-        results = await asyncio.gather(*(self._predict_batch((image, transform_key)) for image in images))
+        predictor = self._require()  # the whole request is answered by the model live now
+        results = await asyncio.gather(*(self._predict_batch((predictor, (image, transform_key)))
+                                         for image in images))
         if any(result is None for result in results):
             raise StaleTransformError("the served model's transform changed while the request was prepared")
+        if any(model != results[0][0] for model, _ in results):  # never, by construction: fail rather than mix
+            raise RuntimeError("one request was answered by two model versions")
         return ClassifyResponse(model=results[0][0], predictions=[answer for _, answer in results])
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _predict_batch(self, items: list[tuple[np.ndarray, str]]) -> list[tuple[ModelRef, ImageAnswer] | None]:
-        predictor = self._require()  # one model for the whole batch, even if a rollout swaps it meanwhile
+    async def _predict_batch(self, items: list[tuple[Predictor, tuple[np.ndarray, str]]]
+                             ) -> list[tuple[ModelRef, ImageAnswer] | None]:
+        # each item carries the predictor its request pinned: a batch formed across a swap runs once per model
+        groups: dict[int, tuple[Predictor, list[int]]] = {}
+        for index, (predictor, _) in enumerate(items):
+            groups.setdefault(id(predictor), (predictor, []))[1].append(index)
+        out: list[tuple[ModelRef, ImageAnswer] | None] = [None] * len(items)
+        for predictor, indices in groups.values():
+            answers = await self._predict_with(predictor, [items[i][1] for i in indices])
+            for index, answer in zip(indices, answers, strict=True):
+                out[index] = answer
+        return out
+
+    async def _predict_with(self, predictor: Predictor, items: list[tuple[np.ndarray, str]]
+                            ) -> list[tuple[ModelRef, ImageAnswer] | None]:
         key = spec_key(predictor.transform)
         fresh = [i for i, (_, item_key) in enumerate(items) if item_key == key]
         out: list[tuple[ModelRef, ImageAnswer] | None] = [None] * len(items)
@@ -155,7 +250,9 @@ class TaxonetClassifier:
 
     def _require(self) -> Predictor:
         if self._predictor is None:
-            raise RuntimeError("no model loaded yet")
+            follower = self._follower
+            reason = follower.last_error if follower is not None and follower.last_error else "not loaded yet"
+            raise ModelNotReady(f"no model loaded yet: {reason}")
         return self._predictor
 
 
@@ -196,6 +293,8 @@ class TaxonetIngress:
         self._metrics = IngressMetrics()
         self._preprocessor: Preprocessor | None = None
         self._preprocessor_lock = asyncio.Lock()
+        #: the classifier's poll interval as last reported (the Retry-After of model_not_ready)
+        self._poll_s = MODEL_POLL_S
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.build_api()
@@ -226,10 +325,19 @@ class TaxonetIngress:
 
         api.include_router(v1)
 
-        @api.get("/healthz", summary="Liveness: the ingress answers and the model deployment is reachable")
+        @api.get("/healthz", summary="Liveness: the ingress answers and the model deployment is reachable (also "
+                                     "while no model is loaded yet)")
         async def healthz() -> dict[str, Any]:
             info = await self._ask(self._classifier.describe.remote())
             return {"status": "ok", "model": {"name": info["name"], "version": info["version"]}}
+
+        @api.get("/readyz", summary="Readiness: a model is loaded (503 with Retry-After until then)",
+                 responses={503: ERROR_RESPONSES[503]})
+        async def readyz() -> dict[str, Any]:
+            info = await self._ask(self._classifier.describe.remote())
+            if not info.get("ready"):
+                raise self._not_ready(info.get("last_error") or "not loaded yet", info.get("model_poll_s"))
+            return {"status": "ready", "model": {"name": info["name"], "version": info["version"]}}
 
         api.add_middleware(RequestMetrics, metrics=self._metrics)
         return api
@@ -304,12 +412,22 @@ class TaxonetIngress:
             current = self._preprocessor
             if current is None or (stale_key is not None and current.key == stale_key):
                 info = await self._ask(self._classifier.describe.remote())
+                if not info.get("transform"):
+                    raise self._not_ready(info.get("last_error") or "not loaded yet", info.get("model_poll_s"))
                 spec = TransformSpec.from_dict(info["transform"])
                 if current is None or current.key != spec_key(spec):
                     self._preprocessor = Preprocessor(spec, max_pixels=self._settings.max_image_pixels,
                                                       allowed_formats=SERVED_FORMATS)
             assert self._preprocessor is not None
             return self._preprocessor
+
+    def _not_ready(self, reason: str, poll_s: float | None) -> ApiError:
+        """503 ``model_not_ready``; Retry-After is the classifier's poll interval (a model can appear per poll)."""
+        if poll_s:
+            self._poll_s = poll_s
+        reason = reason.removeprefix("no model loaded yet: ")
+        return ApiError(503, "model_not_ready", f"no model loaded yet ({reason}); retry later",
+                        headers={"Retry-After": str(max(1, math.ceil(self._poll_s)))})
 
     async def _ask(self, response: DeploymentResponse) -> Any:
         """A model deployment call's result within ``classifier_timeout_s``: 504 when it takes longer, 503 when the
@@ -319,6 +437,8 @@ class TaxonetIngress:
             return await asyncio.wait_for(response, timeout=timeout)
         except StaleTransformError:
             raise
+        except ModelNotReady as exc:  # this classifier replica has no model yet (e.g. just scaled up)
+            raise self._not_ready(str(exc), self._poll_s) from None
         except asyncio.TimeoutError:
             response.cancel()
             log.warning("taxonet: the model deployment did not answer within %g s", timeout)
@@ -335,10 +455,11 @@ class TaxonetIngress:
 
 # ---------------------------------------------------------------------------------------------------- builder
 def app_builder(args: ServeArgs | dict[str, Any]) -> serve.Application:
-    """Build the application from :class:`ServeArgs` (a Serve config's ``args:``); only ``checkpoint`` is required.
+    """Build the application from :class:`ServeArgs` (a Serve config's ``args:``); only ``model`` is required.
 
-    The classifier gets the checkpoint and batching through ``user_config``, so a Serve config that changes only
-    ``deployments[TaxonetClassifier].user_config`` rolls a new model out in place.
+    The classifier gets the model reference, its poll interval and batching through ``user_config``, so a Serve
+    config that changes only ``deployments[TaxonetClassifier].user_config`` rolls a new model out in place; the
+    args' own reference is what a new replica falls back to when a rolled-out one is refused and no peer answers.
     """
     config = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
     user_config = config.classifier_config().model_dump()

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray.serve.config import AutoscalingConfig
 
 from taxonet.data.transforms import DEFAULT_MAX_PIXELS
+from taxonet.errors import CheckpointError, StorageError
+from taxonet.registry import parse_reference
 from taxonet.serve.predictor import DEFAULT_TOP_K
 
 #: environment variable holding the bearer token(s), comma-separated (several: a rotation in progress)
@@ -33,11 +35,40 @@ DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_S = 0.01
 #: replica count bounds of the default autoscaling
 DEFAULT_MAX_REPLICAS = 4
+#: seconds between two polls of the model reference by each classifier replica (also the Retry-After of a 503
+#: while no model is loaded)
+MODEL_POLL_S = 30.0
 
 _TOKEN_IN_ARGS = (f"api_token is not accepted in the Serve args: it would be stored in plain text in the Serve config "
                   f"and the RayService. Give the ingress replicas the token in the environment variable {TOKEN_ENV} "
                   f"(from a Kubernetes Secret), or mount it as a file and set {TOKEN_FILE_ENV} to its path; several "
                   f"tokens, comma-separated, are all accepted (rotation).")
+
+
+def _check_reference(value: str) -> str:
+    """A checkpoint URI or a registry reference, checked for form (a ``gs://`` URI or a bad alias fails here)."""
+    try:
+        parse_reference(value)
+    except (CheckpointError, StorageError) as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def _model_or_checkpoint(data: Any) -> Any:
+    """``checkpoint`` (the older name) is accepted for ``model``; exactly one of them."""
+    if not isinstance(data, dict):
+        return data
+    if data.get("model") is None and data.get("checkpoint") is None:
+        raise ValueError("model is required: a checkpoint URI or a registry reference MODELS/NAME@ALIAS "
+                         "(checkpoint is accepted as its older name)")
+    if "checkpoint" in data:
+        data = dict(data)
+        checkpoint = data.pop("checkpoint")
+        if data.get("model") is not None and checkpoint is not None:
+            raise ValueError("give either model or checkpoint (its older name), not both")
+        if checkpoint is not None:
+            data["model"] = checkpoint
+    return data
 
 
 class DeploymentArgs(BaseModel):
@@ -108,19 +139,44 @@ def _default_classifier() -> DeploymentArgs:
 class ClassifierConfig(BaseModel):
     """What ``TaxonetClassifier`` takes through ``user_config`` (changed in place, without restarting replicas).
 
-    A new ``checkpoint`` is loaded beside the old model, which keeps answering until the new one is ready.
+    A new ``model`` reference (or ``checkpoint``, its older name) is followed from then on: what it points at is
+    verified and loaded beside the old model, which keeps answering until the new one is ready, or keeps answering
+    if the new one is refused (:mod:`taxonet.serve.follower`).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    #: checkpoint directory: local path, file:// or s3:// (S3 settings from the environment)
-    checkpoint: str = Field(min_length=1)
+    #: what to serve: a checkpoint directory (local path, file:// or s3://; S3 settings from the environment) or a
+    #: registry reference MODELS/NAME@ALIAS / MODELS/NAME@N. Followed: each classifier replica polls it every
+    #: ``model_poll_s`` and loads what it points at when that changes (docs/models.md). ``checkpoint`` is accepted
+    #: as its older name.
+    model: str = Field(min_length=1)
+    model_poll_s: float = Field(MODEL_POLL_S, gt=0)
     top_k: int = Field(DEFAULT_TOP_K, ge=1)
     max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1)
     batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_S, ge=0)
     #: ``taxonet_predictions`` series per rank: the first N labels a replica predicts get their own, the rest count
     #: as "other" (a real taxonomy has thousands of species: one series each would swamp Prometheus)
     label_series_per_rank: int = Field(20, ge=0)
+
+    _accept_checkpoint = model_validator(mode="before")(_model_or_checkpoint)
+    _check_model = field_validator("model")(_check_reference)
+
+    @property
+    def checkpoint(self) -> str:
+        """The older name of ``model``."""
+        return self.model
+
+    @classmethod
+    def layered(cls, defaults: dict[str, Any], user_config: dict[str, Any] | None) -> ClassifierConfig:
+        """``user_config`` over the application's ``defaults``; a reference given there (as ``model`` or
+        ``checkpoint``) replaces the defaults' ``model``."""
+        user_config = dict(user_config or {})
+        base = dict(defaults)
+        if "checkpoint" in user_config or "model" in user_config:
+            base.pop("model", None)
+            base.pop("checkpoint", None)
+        return cls.model_validate({**base, **user_config})
 
 
 class IngressSettings(BaseModel):
@@ -163,7 +219,7 @@ class IngressSettings(BaseModel):
 
 class ServeArgs(ClassifierConfig, IngressSettings):
     """Arguments of the taxonet Serve application: :class:`ClassifierConfig` and :class:`IngressSettings` (their
-    fields, flat), the device and the deployments' resources; only ``checkpoint`` is required."""
+    fields, flat), the device and the deployments' resources; only ``model`` (or ``checkpoint``) is required."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -37,8 +37,8 @@ RAW_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG", "ima
 #: content types accepted on a multipart file part; octet-stream/absent leave the decision to the image's bytes
 PART_TYPES = frozenset(RAW_TYPES) | {"application/octet-stream", ""}
 #: routes with their own label in the request metrics; anything else counts as "other"
-ROUTES = ("/v1/classify", "/v1/taxonomy", "/v1/model", "/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect",
-          "/redoc")
+ROUTES = ("/v1/classify", "/v1/taxonomy", "/v1/model", "/healthz", "/readyz", "/docs", "/openapi.json",
+          "/docs/oauth2-redirect", "/redoc")
 #: multipart parts other than ``files`` (ignored, but bounded): how many, and how large each
 EXTRA_FIELDS = 16
 EXTRA_FIELD_BYTES = 64 * 1024

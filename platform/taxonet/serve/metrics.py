@@ -32,6 +32,8 @@ BATCH_SIZE = "taxonet_batch_size"
 PREDICTIONS = "taxonet_predictions"
 UNSURE = "taxonet_unsure"
 MODEL_INFO = "taxonet_model_info"
+MODEL_READY = "taxonet_model_ready"
+MODEL_LOAD_FAILURES = "taxonet_model_load_failures"
 #: label value of the predictions past the per-rank series limit
 OTHER_LABEL = "other"
 
@@ -69,8 +71,12 @@ class ClassifierMetrics:
                                    tag_keys=("rank", "label"))
         self.unsure = Counter(UNSURE, description="Predictions below their class's anomaly threshold, by rank",
                               tag_keys=("rank",))
-        self.model_info = Gauge(MODEL_INFO, description="1 for the model this replica serves (name, version)",
-                                tag_keys=("name", "version"))
+        self.model_info = Gauge(MODEL_INFO, description="1 for the model this replica serves (model, version), 0 "
+                                "for one it served before", tag_keys=("model", "version"))
+        self.model_ready = Gauge(MODEL_READY, description="1 when this classifier replica has a model loaded")
+        self.load_failures = Counter(MODEL_LOAD_FAILURES, description="Model versions this replica refused or "
+                                     "could not load (failed verification or load, or an unreadable reference)")
+        self.model_ready.set(0)
         self._model: tuple[str, str] | None = None
 
     def _label(self, rank: str, label: str) -> str:
@@ -102,6 +108,10 @@ class ClassifierMetrics:
     def serving(self, name: str, version: str) -> None:
         """Mark (name, version) as the served model; the previous one drops to 0."""
         if self._model is not None and self._model != (name, version):
-            self.model_info.set(0, tags={"name": self._model[0], "version": self._model[1]})
-        self.model_info.set(1, tags={"name": name, "version": version})
+            self.model_info.set(0, tags={"model": self._model[0], "version": self._model[1]})
+        self.model_info.set(1, tags={"model": name, "version": version})
+        self.model_ready.set(1)
         self._model = (name, version)
+
+    def load_failed(self) -> None:
+        self.load_failures.inc(1)
