@@ -16,13 +16,22 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # System tools the tests use: Debian's `prometheus` package (the Prometheus server for the metrics end-to-end test,
-# promtool for the alert-rule tests in tests/k8s; needs root). kubectl (kustomize) ships with the machine image; it
-# is only checked here, since Debian's kubernetes-client is too old for the overlays.
+# promtool for the alert-rule tests in tests/k8s; needs root) and `chromium` + `chromium-driver` (the review page's
+# browser test and docs screenshots drive Debian's Chromium through Selenium; nothing is downloaded). kubectl
+# (kustomize) ships with the machine image; it is only checked here, since Debian's kubernetes-client is too old for
+# the overlays.
 system-deps:
 	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "prometheus/promtool not installed: sudo apt-get install prometheus (tests need them)"; exit 1; fi; \
+	fi
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver \
+	      >/dev/null; \
+	  else echo "chromium/chromedriver not installed: sudo apt-get install chromium chromium-driver (tests need them)"; \
+	    exit 1; fi; \
 	fi
 	@command -v kubectl >/dev/null 2>&1 || { echo "kubectl not found: tests/k8s render k8s/ with kubectl kustomize"; exit 1; }
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import optimize, special, stats
 
+from taxonet.config import CHAIN_RULES, DEFAULT_CHAIN_RULE
 from taxonet.errors import CheckpointError
 from taxonet.taxonomy import UNSPECIFIED
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 CSV_COLUMNS = ("rank", "class_index", "class_name", "mean", "std", "threshold", "count")
 _K_LINE = re.compile(r"^#.*\bk\s*=\s*([^\s,;]+)")
+_RULE_LINE = re.compile(r"^#.*\bchain_rule\s*=\s*([^\s,;]+)")
+_ROUND_LINE = re.compile(r"^#.*\bround_tau\s*=\s*([^\s,;]+)")
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -176,10 +179,19 @@ class AnomalyThresholds:
     A class without a threshold (too few correct training samples, or σ = 0) cannot be judged: its predictions
     count as SURE in :meth:`sure` — the paper's code only flags what it has a distribution for — and their
     :meth:`confidence` is NaN, so a caller can still tell them apart.
+
+    The table also carries the rule for broken chains (``chain_rule``, see :func:`lowest_reliable_level`) and
+    whether τ was rounded to 0.1 (``round_tau``): both travel with the checkpoint, so every consumer of the
+    thresholds (evaluate, the predictor, the HTTP answer) decides the lowest reliable rank the same way.
     """
 
-    def __init__(self, rows: Iterable[ClassThreshold], k: float) -> None:
+    def __init__(self, rows: Iterable[ClassThreshold], k: float, chain_rule: str = DEFAULT_CHAIN_RULE,
+                 round_tau: bool = False) -> None:
+        if chain_rule not in CHAIN_RULES:
+            raise ValueError(f"chain_rule must be one of {', '.join(CHAIN_RULES)}, got {chain_rule!r}")
         self._k = float(k)
+        self._chain_rule = chain_rule
+        self._round_tau = bool(round_tau)
         self._rows = tuple(rows)  # kept in the given order: fit writes ranks in taxonomy order, classes by index
         self._by_rank: dict[str, dict[int, ClassThreshold]] = {}
         for row in self._rows:
@@ -193,12 +205,14 @@ class AnomalyThresholds:
     # ------------------------------------------------------------------ fitting
     @classmethod
     def fit(cls, taxonomy: "Taxonomy", logits: Mapping[str, Any], targets: Any, k: float = 2.0,
-            min_samples: int = 2) -> "AnomalyThresholds":
+            min_samples: int = 2, chain_rule: str = DEFAULT_CHAIN_RULE,
+            round_tau: bool = False) -> "AnomalyThresholds":
         """Fit N(μ, σ) per (rank, class) to the winning logits of correctly classified samples; τ = μ − k·σ.
 
         Only samples with a specified target that the model got right at that rank count (pred == target != −1).
         A class with fewer than ``min_samples`` such samples, or with σ = 0 (up to rounding), gets no threshold.
         ``logits`` may hold only some ranks (single-task model); thresholds are fitted for those present.
+        ``round_tau``: τ rounded to one decimal, as the authors' code does; ``chain_rule`` is stored with the table.
         """
         k = float(k)
         if not (math.isfinite(k) and k >= 0):
@@ -222,14 +236,28 @@ class AnomalyThresholds:
                 # identical logits can fit a σ of 1e-16 instead of 0 through rounding: treat as zero
                 if not math.isfinite(std) or std <= 1e-12 * max(1.0, abs(mean)):
                     continue
+                tau = round(mean - k * std, 1) if round_tau else mean - k * std
                 rows.append(ClassThreshold(rank, class_index, taxonomy.name(level, class_index), mean, std,
-                                           mean - k * std, int(len(sample))))
-        return cls(rows, k)
+                                           tau, int(len(sample))))
+        return cls(rows, k, chain_rule=chain_rule, round_tau=round_tau)
 
     # ------------------------------------------------------------------ access
     @property
     def k(self) -> float:
         return self._k
+
+    @property
+    def chain_rule(self) -> str:
+        """"strict" or "lenient": how :func:`assess` treats a predicted chain that breaks the taxonomy."""
+        return self._chain_rule
+
+    @property
+    def round_tau(self) -> bool:
+        return self._round_tau
+
+    def with_chain_rule(self, chain_rule: str) -> "AnomalyThresholds":
+        """The same thresholds under another chain rule (to compare the rules on one checkpoint)."""
+        return AnomalyThresholds(self._rows, self._k, chain_rule=chain_rule, round_tau=self._round_tau)
 
     @property
     def rows(self) -> list[ClassThreshold]:
@@ -249,11 +277,13 @@ class AnomalyThresholds:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AnomalyThresholds):
             return NotImplemented
-        return self._k == other._k and self._rows == other._rows
+        return (self._k, self._chain_rule, self._round_tau, self._rows) == \
+            (other._k, other._chain_rule, other._round_tau, other._rows)
 
     def __repr__(self) -> str:
         counts = {rank: len(per_rank) for rank, per_rank in self._by_rank.items()}
-        return f"AnomalyThresholds(k={self._k}, thresholds per rank={counts})"
+        return (f"AnomalyThresholds(k={self._k}, chain_rule={self._chain_rule}, round_tau={self._round_tau}, "
+                f"thresholds per rank={counts})")
 
     def _column(self, rank: str, num_classes: int, attribute: str) -> np.ndarray:
         out = np.full(int(num_classes), np.nan)
@@ -295,7 +325,8 @@ class AnomalyThresholds:
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
-        return {"k": self._k, "rows": [asdict(row) for row in self._rows]}
+        return {"k": self._k, "chain_rule": self._chain_rule, "round_tau": self._round_tau,
+                "rows": [asdict(row) for row in self._rows]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], taxonomy: "Taxonomy | None" = None) -> "AnomalyThresholds":
@@ -305,7 +336,12 @@ class AnomalyThresholds:
         if not isinstance(data["rows"], list):
             raise CheckpointError("anomaly thresholds: 'rows' must be a list")
         rows = [_parse_row(row, number, taxonomy) for number, row in enumerate(data["rows"], start=1)]
-        return _build_checked(rows, k)
+        # tables written before the rule was stored get today's default (the authors' strict rule)
+        chain_rule = data.get("chain_rule", DEFAULT_CHAIN_RULE)
+        round_tau = data.get("round_tau", False)
+        if not isinstance(round_tau, bool):
+            raise CheckpointError(f"anomaly thresholds: 'round_tau' must be true or false, got {round_tau!r}")
+        return _build_checked(rows, k, chain_rule, round_tau)
 
     def save(self, path: str | Path) -> None:
         """Write a CSV table (a ``# k=…`` line, then ``rank,class_index,class_name,mean,std,threshold,count``),
@@ -318,7 +354,8 @@ class AnomalyThresholds:
 
     def to_csv(self) -> str:
         buffer = io.StringIO()
-        buffer.write(f"# taxonet anomaly thresholds: tau = mean - k * std, k={self._k!r}\n")
+        buffer.write(f"# taxonet anomaly thresholds: tau = mean - k * std, k={self._k!r}, "
+                     f"chain_rule={self._chain_rule}, round_tau={str(self._round_tau).lower()}\n")
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for row in self._rows:
@@ -330,12 +367,21 @@ class AnomalyThresholds:
     @classmethod
     def from_csv(cls, text: str, taxonomy: "Taxonomy | None" = None) -> "AnomalyThresholds":
         k = None
+        chain_rule, round_tau = DEFAULT_CHAIN_RULE, False
         body = []
         for line in text.splitlines():
             if line.startswith("#"):
                 match = _K_LINE.match(line)
                 if match:
                     k = _parse_float(match.group(1), "k")
+                rule = _RULE_LINE.match(line)
+                if rule:
+                    chain_rule = rule.group(1)
+                rounding = _ROUND_LINE.match(line)
+                if rounding:
+                    if rounding.group(1).lower() not in ("true", "false"):
+                        raise CheckpointError(f"round_tau must be true or false, got {rounding.group(1)!r}")
+                    round_tau = rounding.group(1).lower() == "true"
                 continue
             if line.strip():
                 body.append(line)
@@ -349,7 +395,7 @@ class AnomalyThresholds:
             if not rows:
                 raise CheckpointError("anomaly thresholds CSV has no '# k=...' line and no rows to infer k from")
             k = float(np.median([(r.mean - r.threshold) / r.std for r in rows]))
-        return _build_checked(rows, k)
+        return _build_checked(rows, k, chain_rule, round_tau)
 
     @classmethod
     def load(cls, path: str | Path, taxonomy: "Taxonomy | None" = None) -> "AnomalyThresholds":
@@ -407,9 +453,9 @@ def _parse_row(record: Any, number: int, taxonomy: "Taxonomy | None") -> ClassTh
     return row
 
 
-def _build_checked(rows: list[ClassThreshold], k: float) -> AnomalyThresholds:
+def _build_checked(rows: list[ClassThreshold], k: float, chain_rule: str, round_tau: bool) -> AnomalyThresholds:
     try:
-        return AnomalyThresholds(rows, k)
+        return AnomalyThresholds(rows, k, chain_rule=chain_rule, round_tau=round_tau)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from exc
 
@@ -450,14 +496,24 @@ def _check_targets(taxonomy: "Taxonomy", targets: Any, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------- decisions
-def lowest_reliable_level(taxonomy: "Taxonomy", predictions: Any, sure: Any) -> np.ndarray:
+def lowest_reliable_level(taxonomy: "Taxonomy", predictions: Any, sure: Any,
+                          chain_rule: str = DEFAULT_CHAIN_RULE) -> np.ndarray:
     """The deepest reliable level per sample (int [N]), −1 when no level is reliable.
 
     Level L is reliable when sure[L], and sure[L−1] (for L ≥ 1), and the predicted chain 0..L is consistent with
-    the taxonomy. For order/family/species this is METHOD.md's rule: species if family and species are sure; else
-    family if order and family are sure; else order if order is sure; else unsure. A missing prediction (−1) is
-    never reliable.
+    the taxonomy: species if family and species are sure; else family if order and family are sure; else order if
+    order is sure; else unsure (METHOD.md). A missing prediction (−1) is never reliable.
+
+    A predicted chain that is not a path of the taxonomy (an adjacent predicted pair that is not a parent/child
+    edge) is handled by ``chain_rule``:
+
+    * ``"strict"`` (default, the authors' code and METHOD.md: "a prediction chain that breaks the taxonomy is
+      unsure"): the whole answer is unsure (−1). Diptera > Apidae > *Apis mellifera*, all sure, is unsure.
+    * ``"lenient"`` (taxonet's variant): the ranks above the first broken link keep their verdict, so the same
+      chain is reliable at order Diptera although family and species contradict it.
     """
+    if chain_rule not in CHAIN_RULES:
+        raise ValueError(f"chain_rule must be one of {', '.join(CHAIN_RULES)}, got {chain_rule!r}")
     predictions = _to_numpy(predictions).astype(np.int64)
     sure = _to_numpy(sure).astype(bool)
     if predictions.ndim != 2 or predictions.shape[1] != taxonomy.depth:
@@ -476,7 +532,19 @@ def lowest_reliable_level(taxonomy: "Taxonomy", predictions: Any, sure: Any) -> 
         if level:
             reliable &= sure[:, level - 1]
         out[reliable] = level  # ascending levels: the deepest reliable one wins
+    if chain_rule == "strict":
+        out[~chain_consistent(taxonomy, predictions)] = -1
     return out
+
+
+def chain_consistent(taxonomy: "Taxonomy", predictions: np.ndarray) -> np.ndarray:
+    """bool [N]: every adjacent pair of predicted ranks (both predicted, not −1) is a parent/child edge."""
+    consistent = np.ones(len(predictions), dtype=bool)
+    for level in range(1, taxonomy.depth):
+        both = (predictions[:, level] != UNSPECIFIED) & (predictions[:, level - 1] != UNSPECIFIED)
+        parent = taxonomy.parent_table(level)[np.where(both, predictions[:, level], 0)]
+        consistent &= ~both | (parent == predictions[:, level - 1])
+    return consistent
 
 
 def _valid_predictions(taxonomy: "Taxonomy", predictions: np.ndarray) -> np.ndarray:
@@ -526,6 +594,8 @@ class Assessment:
 def assess(taxonomy: "Taxonomy", thresholds: AnomalyThresholds, logits: Mapping[str, Any]) -> Assessment:
     """Predictions, sure/unsure per rank, consistency and the lowest reliable level for a batch of logits.
 
+    The lowest reliable level follows ``thresholds.chain_rule`` (stored with the thresholds in the checkpoint).
+
     Ranks missing from ``logits`` (a single-task model has only the last rank) are filled from the taxonomy: the
     ancestor, at that rank, of the prediction at the nearest deeper present rank; they are sure exactly when that
     rank is sure, and their score/confidence is NaN. A missing rank with no present rank below it stays −1 (unsure).
@@ -556,17 +626,12 @@ def assess(taxonomy: "Taxonomy", thresholds: AnomalyThresholds, logits: Mapping[
             ancestor = taxonomy.parent_table(lv)[ancestor]
         predictions[:, level] = ancestor
         sure[:, level] = sure[:, source]
-    consistent = np.ones(n, dtype=bool)
-    for level in range(1, depth):
-        both = (predictions[:, level] != UNSPECIFIED) & (predictions[:, level - 1] != UNSPECIFIED)
-        parent = taxonomy.parent_table(level)[np.where(both, predictions[:, level], 0)]
-        consistent &= ~both | (parent == predictions[:, level - 1])
     return Assessment(
         predictions=predictions,
         scores=scores,
         sure=sure,
-        consistent=consistent,
-        lowest_reliable_level=lowest_reliable_level(taxonomy, predictions, sure),
+        consistent=chain_consistent(taxonomy, predictions),
+        lowest_reliable_level=lowest_reliable_level(taxonomy, predictions, sure, thresholds.chain_rule),
         confidence=confidence,
     )
 
@@ -577,6 +642,7 @@ __all__ = [
     "ClassThreshold",
     "assess",
     "auroc",
+    "chain_consistent",
     "energy",
     "fit_temperature",
     "fpr_at_95_tpr",

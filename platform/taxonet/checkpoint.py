@@ -240,6 +240,26 @@ def verify_checkpoint(uri: str | Path, *, allow_extra_files: bool = False) -> di
     return manifest
 
 
+def read_verified(uri: str | Path, names: Iterable[str], *, allow_extra_files: bool = True
+                  ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Verify a whole checkpoint (local or S3) as :func:`verify_checkpoint` does and return its manifest and the
+    listed files ``names``, each read once, straight into memory (nothing written to disk) and checked against its
+    sha256; the other listed files are hashed streamed. A file in ``names`` that the manifest does not list is a
+    CheckpointError. What a resume reads: never a half-written or tampered checkpoint."""
+    text = str(uri)
+    manifest = parse_manifest(manifest_bytes(text), text)
+    missing = [n for n in REQUIRED_FILES if n not in manifest["files"]]
+    if missing:
+        raise CheckpointError(f"{text}: {MANIFEST} does not list {missing} (not a complete checkpoint)")
+    _check_listing(text, manifest, allow_extra_files=allow_extra_files)
+    wanted = set(names)
+    files = {name: read_listed(text, name, manifest) for name in sorted(wanted)}
+    for name, info in manifest["files"].items():
+        if name not in wanted:
+            _check_digest(text, name, info, _hash_stream(text, name))
+    return manifest, files
+
+
 def read_listed(uri: str | Path, name: str, manifest: dict[str, Any]) -> bytes:
     """One file of a checkpoint, only if the manifest lists it, checked against its sha256."""
     info = manifest["files"].get(name)

@@ -142,12 +142,28 @@ class TrainConfig:
     loader_threads: int | str = 1
 
 
+#: rules for a predicted chain that is not a path of the taxonomy (taxonet.anomaly.lowest_reliable_level)
+CHAIN_RULES = ("strict", "lenient")
+#: the authors' rule (METHOD.md): a broken chain makes the whole answer unsure
+DEFAULT_CHAIN_RULE = "strict"
+
+
 @dataclass(frozen=True)
 class AnomalyConfig:
     #: threshold tau = mu - k * sigma (paper's code: k = 2; later work 2.5)
     k: float = 2.0
     #: classes with fewer correctly classified training samples than this get no threshold
     min_samples: int = 2
+    #: "strict" (the authors' code: a predicted chain that is not a path of the taxonomy is unsure at every rank)
+    #: or "lenient" (taxonet's variant: the ranks above the first broken link stay reliable). Saved with the
+    #: thresholds in the checkpoint, so evaluate, the predictor and the HTTP answer all apply the same rule.
+    chain_rule: str = DEFAULT_CHAIN_RULE
+    #: round tau to 0.1 as the authors' code does (off: tau keeps full precision)
+    round_tau: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chain_rule not in CHAIN_RULES:
+            raise ConfigError(f"anomaly.chain_rule must be one of {', '.join(CHAIN_RULES)}, got {self.chain_rule!r}")
 
 
 #: a model name in the registry and an alias name (``MODELS/NAME@ALIAS``): no separators, no leading dot or dash

@@ -44,7 +44,7 @@ from taxonet.checkpoint import (
     verify_checkpoint,
 )
 from taxonet.config import ALIAS_PATTERN, MODEL_NAME_PATTERN
-from taxonet.errors import CheckpointError
+from taxonet.errors import CheckpointError, StorageError
 from taxonet.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -491,10 +491,20 @@ class PublishedRun:
     name: str
     version: int
     alias: AliasRecord | None
+    #: True when the checkpoint was already published as ``version`` (same files, same hashes): nothing new written
+    reused: bool = False
 
     @property
     def reference(self) -> str:
+        """The new version, pinned: ``MODELS/NAME@N``."""
         return f"{model_uri(self.models, self.name)}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``taxonet train`` prints under ``"published"``."""
+        model = model_uri(self.models, self.name)
+        return {"model": model, "name": self.name, "version": self.version, "reference": self.reference,
+                "alias": self.alias.alias if self.alias else None,
+                "alias_reference": f"{model}@{self.alias.alias}" if self.alias else None, "reused": self.reused}
 
 
 def check_publish_target(config: Any) -> None:
@@ -506,17 +516,55 @@ def check_publish_target(config: Any) -> None:
 
 def publish_run(checkpoint: str, config: Any) -> PublishedRun | None:
     """What a finished training run does with its best checkpoint: publish it as the next version of
-    ``registry.name`` (default: the config's name) under ``registry.uri`` and move ``registry.promote`` to it.
-    None when ``registry.uri`` is empty. A refused promotion raises after the version is published."""
+    ``registry.name`` (default: the config's name) under ``registry.uri`` and move ``registry.promote`` to it
+    (:func:`publish`, :func:`promote`: verified, the taxonomy-change rule). None when ``registry.uri`` is empty.
+
+    A checkpoint whose files (names and sha256) are exactly those of a published version is not published again:
+    that version is reused (a retried job, or a rerun of a finished run, which trains nothing new). Either failure
+    raises RegistryError saying what exists and the command that finishes the job by hand; the checkpoint itself is
+    never touched. A refused promotion raises after the version is published.
+    """
     registry = config.registry
     if not registry.uri:
         return None
     name = registry.name or config.name
-    number = publish(checkpoint, registry.uri, name)
+    model = model_uri(registry.uri, name)
+    alias_flag = f" --alias {registry.promote}" if registry.promote else ""
+    try:
+        number = _published_as(checkpoint, registry.uri, name)
+        reused = number is not None
+        if number is None:
+            number = publish(checkpoint, registry.uri, name)
+        else:
+            log.info("%s is already published as %s version %d (same files): not publishing it again", checkpoint,
+                     name, number)
+    except (CheckpointError, StorageError, OSError) as exc:
+        raise RegistryError(f"could not publish {checkpoint} as a new version of {model}: {exc} (nothing was "
+                            f"published; retry with `taxonet models publish {checkpoint} {model}{alias_flag}`)"
+                            ) from exc
     record = None
     if registry.promote:
         try:
             record = promote(registry.uri, name, number, registry.promote)
-        except RegistryError as exc:
-            raise RegistryError(f"published {name} version {number}, but did not promote it: {exc}") from None
-    return PublishedRun(models=registry.uri, name=name, version=number, alias=record)
+        except (CheckpointError, StorageError, OSError) as exc:
+            raise RegistryError(f"published {name} version {number}, but did not promote it to "
+                                f"{registry.promote!r}: {exc} ({model}@{number} exists, the alias is unchanged; "
+                                f"promote by hand with `taxonet models promote {model} {number} --alias "
+                                f"{registry.promote}`)") from exc
+    return PublishedRun(models=registry.uri, name=name, version=number, alias=record, reused=reused)
+
+
+def _published_as(checkpoint: str, models: str, name: str) -> int | None:
+    """The newest version whose files (names, sizes, sha256) are exactly those the checkpoint's manifest lists and
+    that verifies, or None."""
+    files = parse_manifest(manifest_bytes(checkpoint), checkpoint)["files"]
+    for version in reversed(list_versions(models, name)):
+        if version.manifest["files"] == files:
+            try:
+                verify_checkpoint(version.uri)
+            except CheckpointError as exc:
+                log.warning("%s version %d lists the same files but does not verify (%s): publishing anew", name,
+                            version.number, exc)
+                continue
+            return version.number
+    return None

@@ -9,7 +9,10 @@ layout, ``--source-side`` px) or photos (``--source-side 800``). Modes:
 * ``model``      — forward pass only on ready tensors (the GPU ceiling; ENVIRONMENT.md anchor 12,734 img/s);
 * ``tensors``    — ``predict_tensors`` on ready tensors: forward + answers (top-k, anomaly test, dicts);
 * ``cpu-decode`` — PIL decode + resize to uint8 in a thread pool (what the ingress does), then the GPU batch
-                   (normalised on the device, as the classifier does); the next batch is decoded while this one runs.
+                   (normalised on the device, as the classifier does); the next batch is decoded while this one runs;
+* ``gpu-decode`` — JPEG bytes decoded, resized and normalised on the device (``preprocess_jpeg_on_device``: nvjpeg
+                   via ``torchvision.io.decode_jpeg``), what GPU serving runs with ``jpeg_decode`` auto/model.
+                   Target: ≥ 5,000 img/s on one H100.
 
 Every mode is run at each ``--batch-sizes`` value; the script prints a Markdown table of img/s and batch latency.
 
@@ -41,7 +44,7 @@ from taxonet.models import build_model
 from taxonet.serve.predictor import Predictor
 from taxonet.taxonomy import Taxonomy
 
-MODES = ("model", "tensors", "cpu-decode")
+MODES = ("model", "tensors", "cpu-decode", "gpu-decode")
 
 
 def make_jpegs(count: int, side: int, seed: int = 0) -> list[bytes]:
@@ -119,6 +122,9 @@ def bench(predictor: Predictor, mode: str, jpegs: list[bytes], batch_size: int, 
         if mode == "model":
             return time_batches(lambda step: predictor.logits(ready), batches, warmup, device)
         return time_batches(lambda step: predictor.predict_tensors(ready), batches, warmup, device)
+    if mode == "gpu-decode":
+        return time_batches(lambda step: predictor.predict_tensors(predictor.preprocess_jpeg_on_device(chunk(step))),
+                            batches, warmup, device)
     with ThreadPoolExecutor(max(1, decode_threads)) as pool:
         def decode(step: int) -> torch.Tensor:
             return torch.stack(list(pool.map(predictor.preprocessor.decode_uint8, chunk(step))))

@@ -3,7 +3,7 @@
 CI has no GPU, so this is the check that the code paths which only run on a GPU work there: the training loop
 (``taxonet.train.loop`` through ``tests.support.quick_checkpoint``) with bf16
 autocast and channels_last (loss, validation, best-by-val-loss checkpoint, anomaly thresholds fitted on the GPU),
-``load_checkpoint`` onto the GPU, and ``Predictor`` (PIL decode, as the ingress does, then the GPU batch). It then compares the GPU
+``load_checkpoint`` onto the GPU, and ``Predictor`` with CPU decode and with nvjpeg decode (GPU serving's path). It then compares the GPU
 answers with the same checkpoint served on the CPU (bf16 vs float32: top-1 agreement, not bit equality).
 
 Usage (GPU): PYTHONPATH=platform python tests/bench/gpu_smoke.py     (about 30 s; exits non-zero on a failure)
@@ -47,8 +47,10 @@ def main() -> int:
         images = [jpeg(s.image) for s in held_out]
         truth = [s.labels for s in held_out]
         answers = {}
-        answers[device] = [a.to_dict() for a in
-                           Predictor.from_checkpoint(str(best), device=device).predict_bytes(images, batch_size=32)]
+        predictor = Predictor.from_checkpoint(str(best), device=device)
+        answers[f"{device}-cpu-decode"] = [a.to_dict() for a in predictor.predict_bytes(images, batch_size=32)]
+        answers[f"{device}-gpu-decode"] = [a.to_dict() for a in  # the path of GPU serving (jpeg_decode auto)
+                                           predictor.predict_tensors(predictor.preprocess_jpeg_on_device(images))]
         answers["cpu"] = [a.to_dict() for a in
                           Predictor.from_checkpoint(str(best), device="cpu").predict_bytes(images, batch_size=32)]
         failures = []
@@ -64,7 +66,7 @@ def main() -> int:
                   f"agreement with CPU: order {order_agree:.2f}, species {agree:.2f}; consistent {consistent:.2f}", flush=True)
             if order_acc < 0.8:
                 failures.append(f"{name}: order accuracy {order_acc:.2f} < 0.8 (training on {device} did not learn)")
-            # bf16 vs float32: a 6-epoch model is unsure between sibling species (accuracy ~0.6),
+            # bf16 + nvjpeg vs float32 + libjpeg: a 6-epoch model is unsure between sibling species (accuracy ~0.6),
             # so its species argmax may flip on tiny differences; the confident ranks must agree.
             if order_agree < 0.97 or agree < 0.8:
                 failures.append(f"{name}: answers disagree with the CPU predictor (order {order_agree:.2f} < 0.97 "

@@ -96,6 +96,7 @@ def test_stage_weights_from_a_file(target: str, tmp_path: Path, capsys: pytest.C
     source = _torchvision_file(tmp_path / "mobilenet.pth")
     if target == "s3":
         uri = f"s3://{request.getfixturevalue('s3_bucket')}/weights/mobilenet_v3_small.pth"
+        capsys.readouterr()  # the moto server, when this test starts it, prints its banner to the captured stdout
     else:
         uri = str(tmp_path / "staged" / "mobilenet_v3_small.pth")
     code, out, _ = run(capsys, "models", "stage-weights", "mobilenet_v3_small", uri, "--from", str(source))

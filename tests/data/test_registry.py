@@ -255,10 +255,8 @@ def test_two_processes_publishing_at_once_get_distinct_numbers(models: str, chec
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-@pytest.mark.integration
-def test_loading_from_s3_leaves_no_temporary_directory(s3_bucket: str, checkpoints: dict[str, Path],
-                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    models = f"s3://{s3_bucket}/models"
+def test_loading_leaves_no_temporary_directory(models: str, checkpoints: dict[str, Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     registry.publish(checkpoints["b"], models, "demo")
     registry.promote(models, "demo", 1, "production")
     scratch = tmp_path / "scratch"
@@ -270,14 +268,15 @@ def test_loading_from_s3_leaves_no_temporary_directory(s3_bucket: str, checkpoin
     assert loaded.train_state == {"epoch": 0, "seed": 2} and loaded.thresholds is not None
     from taxonet.checkpoint import local_checkpoint
 
-    with local_checkpoint(uri) as directory:
-        assert (directory / "model.pt").exists() and directory.is_relative_to(scratch)
+    with local_checkpoint(uri) as directory:  # a download on S3, the directory itself locally
+        assert (directory / "model.pt").exists() and directory.is_relative_to(scratch) == storage.is_s3(uri)
         verify_checkpoint(directory)
     assert list(scratch.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------- training hook
-def test_publish_run_publishes_and_promotes_from_the_config(models: str, checkpoints: dict[str, Path]) -> None:
+def test_publish_run_publishes_and_promotes_from_the_config(models: str, checkpoints: dict[str, Path],
+                                                            tmp_path: Path) -> None:
     config = load_config("demo", [f"registry.uri={models}", "registry.promote=production"])
     registry.check_publish_target(config)
     published = registry.publish_run(str(checkpoints["a"]), config)
@@ -289,6 +288,29 @@ def test_publish_run_publishes_and_promotes_from_the_config(models: str, checkpo
     changed = registry.publish_run  # a promotion refused after publishing says the version exists
     with pytest.raises(RegistryError, match="published .* version 2, but did not promote it"):
         changed(str(checkpoints["new-taxonomy"]), config)
+    assert [v.number for v in registry.list_versions(models, config.name)] == [1, 2]
+    assert registry.resolve(f"{models}/{config.name}@production").version == "1"
+    assert published.to_dict() == {
+        "model": storage.join(models, config.name), "name": config.name, "version": 1,
+        "reference": f"{storage.join(models, config.name)}@1", "alias": "production",
+        "alias_reference": f"{storage.join(models, config.name)}@production", "reused": False}
+    # the same files again (a retried job, a rerun of a finished run): version 1 is reused, and promoted again
+    again = registry.publish_run(str(checkpoints["a"]), config)
+    assert (again.version, again.reused, again.alias.version) == (1, True, 1)
+    assert registry.read_alias(models, config.name, "production").version == 1
+    # ... unless that version no longer verifies: then the checkpoint is published anew
+    damaged = storage.join(registry.version_uri(models, "bees", 1), "metrics.json")
+    storage.write_bytes(damaged, storage.read_bytes(damaged) + b" ")
+    fresh = registry.publish_run(str(checkpoints["b"]), named)
+    assert (fresh.version, fresh.reused) == (2, False)
+    assert [v.number for v in registry.list_versions(models, config.name)] == [1, 2]
+    # a checkpoint that does not verify is not published; the message says how to retry by hand
+    half = tmp_path / "half"
+    half.mkdir()
+    with pytest.raises(RegistryError, match=r"could not publish .*half as a new version of .*not a complete "
+                                            r"taxonet checkpoint.*nothing was published; retry with `taxonet "
+                                            r"models publish .*half .* --alias production`"):
+        registry.publish_run(str(half), config)
     assert [v.number for v in registry.list_versions(models, config.name)] == [1, 2]
 
 

@@ -10,7 +10,6 @@ live version and exactly the number of requests sent.
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 import sys
 import time
@@ -57,14 +56,13 @@ def test_serve_first_then_job_submit_trains_and_promotes_and_serving_follows(e2e
     assert waiting.json()["error"]["code"] == "model_not_ready"
 
     # --- the documented job (docs/training.md): the repo as working dir, the venv's Python as the entrypoint;
-    # the run is published and promoted to the alias serving follows
+    # training itself publishes the run to the registry and promotes it to the alias serving follows
     train = [sys.executable, "-m", "taxonet.cli", "train", "--config", "demo",
              "--set", "data.dataset=s3://jobs/ds", "--set", "train.storage=s3://jobs/runs",
              "--set", "train.run_name=submitted", "--set", "optim.epochs=1", "--set", "data.input_size=32",
-             "--set", "model.backbone=tiny_cnn"]
-    publish = [sys.executable, "-m", "taxonet.cli", "models", "publish", "s3://jobs/runs/submitted/best",
-               "s3://jobs/models/demo", "--alias", "production"]
-    entrypoint = ["bash", "-c", f"{shlex.join(train)} && {shlex.join(publish)}"]
+             "--set", "model.backbone=tiny_cnn",
+             "--set", "registry.uri=s3://jobs/models", "--set", "registry.promote=production"]
+    entrypoint = train
     for _attempt in range(20):  # the dashboard answers before its job agent is up ("No available agent")
         submitted = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard,
                                     "--working-dir", str(REPO), "--", *entrypoint],
@@ -77,7 +75,8 @@ def test_serve_first_then_job_submit_trains_and_promotes_and_serving_follows(e2e
     assert "succeeded" in output.lower(), output[-3000:]
     summary = json.loads(output[output.index("{\n"):output.rindex("\n}") + 2])
     assert summary["best_checkpoint"] == "s3://jobs/runs/submitted/best"
-    assert "s3://jobs/models/demo@production → version 1" in output, output[-3000:]
+    published = summary["published"]
+    assert published["version"] == 1 and published["alias"] == "production" and not published["reused"], published
 
     # --- serving follows within model_poll_s, no restart
     deadline = time.monotonic() + 120

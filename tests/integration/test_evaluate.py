@@ -111,9 +111,12 @@ def _reference(setup: dict) -> dict:
                 sure[i, level] = row is None or logits[rank][i, cls] >= row.threshold
         out = np.full(len(predictions), -1)
         for i, chain in enumerate(predictions):
-            # METHOD.md: species if family and species are sure; else family if order and family; else order
+            # METHOD.md: species if family and species are sure; else family if order and family; else order;
+            # a chain that breaks the taxonomy is unsure (the authors' strict rule, anomaly.chain_rule's default)
             consistent = [True] + [taxonomy.parents[lv][chain[lv]] == chain[lv - 1] for lv in range(1, 3)]
-            if sure[i, 1] and sure[i, 2] and all(consistent):
+            if not all(consistent):
+                out[i] = -1
+            elif sure[i, 1] and sure[i, 2]:
                 out[i] = 2
             elif sure[i, 0] and sure[i, 1] and consistent[1]:
                 out[i] = 1

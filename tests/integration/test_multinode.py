@@ -283,7 +283,8 @@ def test_training_survives_losing_a_node(cluster: Cluster, tmp_path: Path) -> No
         # one worker per node: a placement group of two 0.75-CPU bundles cannot fit in one 1-CPU node
         "train.num_workers": 2, "train.cpus_per_worker": 0.75, "train.max_failures": 1,
     }
-    command = [str(BIN / "taxonet"), "train", "--address", cluster.address, "--config", "demo",
+    # -v: every Ray line on the driver's output (Ray Train's failure messages are read from it below)
+    command = [str(BIN / "taxonet"), "-v", "train", "--address", cluster.address, "--config", "demo",
                *(f"--set={key}={value}" for key, value in overrides.items())]
     with open(log_path, "wb") as out:
         driver = subprocess.Popen(command, env=cluster.env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)

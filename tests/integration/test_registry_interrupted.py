@@ -1,6 +1,9 @@
 """A publish killed at any step (SIGKILL, as an OOM kill or a lost node) leaves the previous alias target readable
 and no half version visible — on a local disk and on S3 over HTTP (moto's server).
 
+The publisher runs what a finished training run runs (:func:`taxonet.registry.publish_run` with
+``registry.promote=production``): every write of the publish, then the alias write of the promotion.
+
 The pause is injected from the test side: the publishing subprocess wraps :mod:`taxonet.storage`'s writing functions
 so that its k-th write announces itself and sleeps; the test then kills it there. Product code has no hook for it.
 """
@@ -30,6 +33,7 @@ BATCH = 4
 SCRIPT = textwrap.dedent("""
     import pathlib, sys, time
     from taxonet import registry, storage
+    from taxonet.config import load_config
     marker, pause_at, checkpoint, models = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     calls = []
 
@@ -44,8 +48,9 @@ SCRIPT = textwrap.dedent("""
 
     for name in ("copy_file", "write_bytes", "create_new", "delete_tree", "delete_files"):
         setattr(storage, name, pausing(name, getattr(storage, name)))
-    number = registry.publish(checkpoint, models, "demo")
-    pathlib.Path(marker).write_text(f"done {number} {len(calls)}")
+    config = load_config("demo", [f"registry.uri={models}", "registry.name=demo", "registry.promote=production"])
+    published = registry.publish_run(checkpoint, config)
+    pathlib.Path(marker).write_text(f"done {published.version} {len(calls)}")
 """)
 
 
@@ -87,7 +92,8 @@ def test_a_publish_killed_at_any_step_leaves_the_old_alias_and_no_half_version(
     process = _start(script, marker, 0, new, registry_with_production(0))
     assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-2000:]
     _, number, steps = marker.read_text().split()
-    assert number == "2" and int(steps) >= 4
+    assert number == "2" and int(steps) >= 5
+    assert registry.read_alias(storage.join(base, "r0"), "demo", "production").version == 2  # promoted
 
     outcomes: dict[int, str] = {}
     for first in range(1, int(steps) + 1, BATCH):
@@ -117,8 +123,12 @@ def test_a_publish_killed_at_any_step_leaves_the_old_alias_and_no_half_version(
         assert again == (2 if "create_new" not in _steps_before(outcomes, k) else 3), (k, step, again)
         verify_checkpoint(registry.version_uri(models, "demo", again))
         assert registry.promote(models, "demo", again, "production").version == again
-    # killed before its last step (removing the staging copy), the version is already complete and visible
-    assert visible_after == [int(steps)], outcomes
+    # killed before its last two steps (removing the staging copy, then the alias write of the promotion), the
+    # version is already complete and visible; the alias moves only with its own (last) write
+    assert visible_after == [int(steps) - 1, int(steps)], outcomes
+    assert outcomes[int(steps) - 1].split()[1] == "delete_tree", outcomes
+    last = outcomes[int(steps)].split()
+    assert last[1] == "write_bytes" and last[2].endswith("/aliases/production.json"), outcomes
 
 
 def _steps_before(outcomes: dict[int, str], k: int) -> set[str]:

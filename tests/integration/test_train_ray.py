@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,14 +18,15 @@ import ray
 import ray.cloudpickle
 import ray.train
 
-from taxonet import storage
+from taxonet import cli, registry, storage
 from taxonet.checkpoint import load_checkpoint
 from taxonet.config import load_config
 from taxonet.data.prepare import PrepareOptions, write_synthetic_dataset
-from taxonet.errors import DatasetError
+from taxonet.errors import CheckpointError, DatasetError, StorageError
 from taxonet.taxonomy import Taxonomy
 from taxonet.train import driver, worker
 from taxonet.train.driver import _cache_split, run_training
+from tests.checkpoint_support import other_taxonomy, tiny_checkpoint
 
 # the crash below runs in Ray Train's workers: ship this module's functions by value (tests/ need not be importable
 # there)
@@ -180,3 +182,87 @@ def test_a_cached_split_holds_the_same_rows_as_the_streamed_one(ray_local, s3_da
     assert cached.columns() == read_split(s3_dataset, "val").columns()
     expected = rows(read_split(s3_dataset, "val"))
     assert expected and rows(cached) == expected
+
+
+def _summary(out: str) -> dict[str, Any]:
+    """The JSON summary `taxonet train` prints last (epoch lines may precede it)."""
+    match = re.search(r"^\{$.*^\}$", out, re.MULTILINE | re.DOTALL)
+    assert match, out[-2000:]
+    return json.loads(match.group(0))
+
+
+@pytest.mark.timeout(1800)
+def test_train_publishes_each_run_to_the_registry_and_refuses_bad_resumes(ray_local, s3_dataset, s3_bucket, capsys,
+                                                                          tmp_path):
+    """`taxonet train` with registry.uri/promote on S3: each finished run (a resumed one too) becomes the next
+    version and production follows it; the summary names both; a refused promotion fails the command after
+    training with the run's best/ kept; resumes from a checkpoint of another model or taxonomy, or a damaged one,
+    are refused before training, saying why."""
+    runs, models = f"s3://{s3_bucket}/runs", f"s3://{s3_bucket}/models"
+
+    def args(run_name: str, name: str = "bees", **extra: object) -> list[str]:
+        sets = {"data.dataset": s3_dataset, "data.input_size": 32, "train.storage": runs, "train.run_name": run_name,
+                "optim.epochs": 1, "optim.batch_size": 16, "model.backbone": "small_cnn", "train.num_workers": 2,
+                "train.cpus_per_worker": 0.5, "registry.uri": models, "registry.name": name,
+                "registry.promote": "production", **extra}
+        return ["train", "--config", "demo", *(f"--set={key}={value}" for key, value in sets.items())]
+
+    # 1. a fresh run: version 1, production → 1; the run's own best/ stays for evaluation
+    assert cli.main(args("pub-a")) == 0
+    first = _summary(capsys.readouterr().out)
+    model = f"{models}/bees"
+    assert first["published"] == {"model": model, "name": "bees", "version": 1, "reference": f"{model}@1",
+                                  "alias": "production", "alias_reference": f"{model}@production",
+                                  "reused": False}
+    best = load_checkpoint(first["best_checkpoint"], strict=True)
+    assert first["best_checkpoint"] == f"{runs}/pub-a/best" and best.thresholds is not None
+    resolved = registry.resolve(f"{model}@production")
+    assert resolved.version == "1"
+    assert registry.verify(f"{model}@production")["files"] == best.manifest["files"]  # the very files of best/
+
+    # 2. the same run resumed for one more epoch is a finished run too: version 2, production moves on
+    second = run_training(_config(s3_dataset, runs, "pub-a", epochs=2, **{
+        "registry.uri": models, "registry.name": "bees", "registry.promote": "production"}))
+    assert second.resumed_from_epoch == 1 and second.published.version == 2
+    record = registry.read_alias(models, "bees", "production")
+    assert record.version == 2 and [h["version"] for h in record.history] == [1]
+
+    # 3. resumes that must not happen are refused before any worker starts, naming the difference
+    with pytest.raises(CheckpointError, match=r"cannot resume from s3://.*/pub-a/checkpoint_.*model\.hidden: "
+                                              r"checkpoint 128, run 7"):
+        run_training(_config(s3_dataset, runs, "pub-a", epochs=3, **{"model.hidden": 7}))
+    other = f"s3://{s3_bucket}/other-taxonomy"
+    write_synthetic_dataset(other, other_taxonomy(), per_species=6, image_size=32, seed=1,
+                            options=PrepareOptions(workers=1, progress=False))
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*taxonomy rank species: classes differ: 1 only "
+                                              r"in the run \(Novel species\)"):
+        run_training(_config(other, runs, "pub-a", epochs=3))
+    with pytest.raises(StorageError, match="no-such-bucket"):  # an unwritable registry fails before training too
+        run_training(_config(s3_dataset, runs, "pub-z", epochs=1, **{"registry.uri": "s3://no-such-bucket/m"}))
+    assert not _keys(s3_bucket, "runs/pub-z/")
+
+    # 4. a promotion refused (production of "moths" serves another taxonomy) fails the command after training;
+    # the new version exists, production is unchanged, the run's best/ is kept
+    seeded = tiny_checkpoint(tmp_path / "seed", taxonomy=other_taxonomy())
+    assert registry.publish(seeded, models, "moths") == 1
+    registry.promote(models, "moths", 1, "production")
+    assert cli.main(args("pub-c", name="moths")) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"training finished and its best checkpoint s3://.*/runs/pub-c/best is kept, but publishing it "
+                     r"failed: published moths version 2, but did not promote it to 'production': refusing to "
+                     r"promote .*taxonomy differs", err), err
+    assert registry.read_alias(models, "moths", "production").version == 1
+    assert [v.number for v in registry.list_versions(models, "moths")] == [1, 2]
+    load_checkpoint(f"{runs}/pub-c/best", strict=True)
+
+    # 5. a damaged checkpoint is never resumed from
+    client = boto3.client("s3")
+    damaged = [k for k in _keys(s3_bucket, "runs/pub-a/") if "/checkpoint_" in k and k.endswith("/train_state.pt")]
+    assert damaged
+    for key in damaged:
+        data = bytearray(client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+        data[len(data) // 2] ^= 0xFF
+        client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(data))
+    with pytest.raises(CheckpointError, match="train_state.pt does not match its sha256"):
+        run_training(_config(s3_dataset, runs, "pub-a", epochs=3))
+    assert registry.read_alias(models, "bees", "production").version == 2

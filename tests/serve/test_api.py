@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
+from ray import serve
 
 from taxonet.serve.predictor import Predictor
 from taxonet.taxonomy import Taxonomy
@@ -50,8 +53,6 @@ def api(serve_http: str, checkpoint: Path, tmp_path_factory: pytest.TempPathFact
 
     The tokens come as a mounted Secret would bring them: a file named by TAXONET_API_TOKEN_FILE, written with a
     trailing newline and two tokens (a rotation in progress)."""
-    from ray import serve
-
     token_file = tmp_path_factory.mktemp("secret") / "token"
     token_file.write_text(f"{TOKEN} ,{NEXT_TOKEN}\n")
     ingress = {**SMALL, "env_vars": {"TAXONET_API_TOKEN_FILE": str(token_file)}}
@@ -224,6 +225,84 @@ def test_unknown_routes_and_methods_answer_json(api: dict[str, Any]) -> None:
     assert_error(api["client"].get("/v1/classify", headers=AUTH), 405, "method_not_allowed")
 
 
+# ---------------------------------------------------------------------------------------------------- own limits
+# Sizes just past taxonet's limits and far under Pillow's (≈ 89 MP warns, 179 MP refuses): only taxonet's checks can
+# refuse them, so each of these fails when the check is removed.
+def _blank(size: tuple[int, int], fmt: str = "JPEG") -> bytes:
+    return encode(Image.new("RGB", size), fmt)
+
+
+@pytest.mark.parametrize("fmt, content_type", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
+def test_an_image_just_over_max_image_pixels_is_refused(api: dict[str, Any], fmt: str, content_type: str) -> None:
+    error = assert_error(classify(api["client"], _blank((2001, 2000), fmt), content_type), 413, "image_too_large")
+    assert "2001x2000" in error["message"] and str(LIMITS["max_image_pixels"]) in error["message"]
+    assert classify(api["client"], _blank((2000, 2000), fmt), content_type).status_code == 200  # at the limit
+
+
+def test_a_request_at_the_pixel_budget_passes_and_one_row_more_is_refused(api: dict[str, Any]) -> None:
+    def files(sizes: list[tuple[int, int]]) -> list[tuple[str, tuple[str, bytes, str]]]:
+        return [("files", (f"{index}.jpg", _blank(size), "image/jpeg")) for index, size in enumerate(sizes)]
+
+    at_budget = [(2000, 2000), (2000, 2000), (2000, 1000)]  # 10,000,000 pixels = max_request_pixels
+    assert sum(w * h for w, h in at_budget) == LIMITS["max_request_pixels"]
+    response = api["client"].post("/v1/classify", files=files(at_budget), headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 3
+    over = api["client"].post("/v1/classify", files=files([*at_budget[:2], (2000, 1001)]), headers=AUTH)
+    assert str(LIMITS["max_request_pixels"]) in assert_error(over, 413, "request_too_large")["message"]
+
+
+def test_a_16_bit_png_at_the_pixel_limit_is_classified(api: dict[str, Any], reference: Predictor) -> None:
+    gradient = np.tile(np.linspace(0, 65535, 2000).astype(np.uint16), (2000, 1))  # 4 MP, about 12 KB as PNG
+    response = classify(api["client"], encode(Image.fromarray(gradient), "PNG"), "image/png")
+    assert response.status_code == 200, response.text
+    check_answer(response.json()["predictions"][0], reference.taxonomy, top_k=3)
+
+
+def test_bmp_and_tiff_are_refused_whatever_they_claim_to_be(api: dict[str, Any], insect_images: list,
+                                                           jpeg: bytes) -> None:
+    bmp = bytearray(encode(insect_images[0][1], "BMP"))
+    bmp[6:10] = b"\x01\x02\x03\x04"  # non-zero reserved bytes once slipped past the format sniffer
+    tiff = encode(insect_images[0][1], "TIFF")
+    big_tiff = b"II+\x00" + bytes(64)
+    for data, content_type in ((bytes(bmp), "image/png"), (tiff, "image/jpeg"), (big_tiff, "image/webp")):
+        assert_error(classify(api["client"], data, content_type), 415, "unsupported_image")
+    multipart = api["client"].post("/v1/classify", headers=AUTH, files=[
+        ("files", ("a.jpg", jpeg, "image/jpeg")), ("files", ("b.bin", bytes(bmp), "application/octet-stream"))])
+    assert "files[1] (b.bin)" in assert_error(multipart, 415, "unsupported_image")["message"]
+    assert_still_serving(api, jpeg)
+
+
+def test_both_rotation_tokens_work_and_the_files_newline_is_not_part_of_them(api: dict[str, Any]) -> None:
+    for token in (TOKEN, NEXT_TOKEN):
+        response = api["client"].get("/v1/model", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200, response.text
+    for wrong in (f"{TOKEN}\n", f"{TOKEN},{NEXT_TOKEN}", TOKEN[:-1]):
+        assert_error(api["client"].get("/v1/model", headers={"Authorization": f"Bearer {wrong.strip()}x"}),
+                     401, "unauthorized")
+
+
+def test_jpegs_can_be_decoded_by_the_model_deployment(serve_http: str, checkpoint: Path, reference: Predictor,
+                                                     insect_images: list) -> None:
+    """``jpeg_decode: model`` (what "auto" picks on a GPU, where decode_jpeg is nvjpeg): the ingress checks the headers
+    and sends JPEG bytes, the classifier decodes them on its device; PNGs are still decoded by the ingress."""
+    deploy({"checkpoint": str(checkpoint), "jpeg_decode": "model", **LIMITS, "ingress": SMALL,
+            "classifier": {**SMALL, "max_ongoing_requests": 32}}, name="taxonet-jpeg", route_prefix="/jpeg")
+    try:
+        with httpx.Client(base_url=serve_http + "/jpeg", timeout=60) as client:
+            assert client.get("/v1/model").json()["jpeg_on_device"] is True
+            files = [("files", ("a.jpg", encode(insect_images[0][1]), "image/jpeg")),
+                     ("files", ("b.png", encode(insect_images[1][1], "PNG"), "image/png"))]
+            response = client.post("/v1/classify", files=files)
+            assert response.status_code == 200, response.text
+            for answer in response.json()["predictions"]:
+                check_answer(answer, reference.taxonomy, top_k=3)
+            # the header checks still come first: a JPEG over the pixel limit never reaches the model
+            assert_error(classify(client, _blank((2001, 2000)), headers={}), 413, "image_too_large")
+    finally:
+        serve.delete("taxonet-jpeg")
+
+
 # ---------------------------------------------------------------------------------------------------- read-only routes
 def test_model_taxonomy_and_health(api: dict[str, Any], reference: Predictor, checkpoint: Path) -> None:
     client = api["client"]
@@ -275,8 +354,6 @@ def test_openapi_documents_the_contract(api: dict[str, Any]) -> None:
 def test_bounded_load_scales_up_without_errors_or_restarts(api: dict[str, Any], jpeg: bytes,
                                                            insect_images: list) -> None:
     """Eight loopback clients mix good and bad requests for at most 45 s; the classifier must go 1 → 2 replicas."""
-    from ray import serve
-
     good = [encode(image) for _, image in insect_images]
     bad = [(b"", "image/jpeg", 400), (jpeg[:200], "image/jpeg", 400), (png_bomb(), "image/png", 413),
            (b"text", "text/plain", 415)]

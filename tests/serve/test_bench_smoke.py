@@ -18,7 +18,7 @@ def test_gpu_predictor_smoke_runs_every_mode_without_ray() -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| mode |")]
     modes = {(row.split("|")[1].strip(), row.split("|")[2].strip()) for row in rows}
-    assert modes == {(mode, batch) for mode in ("model", "tensors", "cpu-decode")
+    assert modes == {(mode, batch) for mode in ("model", "tensors", "cpu-decode", "gpu-decode")
                      for batch in ("2", "4")}
     for row in rows:
         assert float(row.split("|")[3].replace(",", "")) > 0  # img/s measured

@@ -1,14 +1,25 @@
-"""The HTTP pieces of the ingress without a Serve cluster: tokens, bearer auth, admission and the decode budget."""
+"""The HTTP pieces of the ingress without a Serve cluster: tokens, bearer auth, admission, the decode budget and the
+per-request pixel budget."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+from collections.abc import Generator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from PIL import Image
+from ray.exceptions import RayActorError
 
+from taxonet.data.transforms import TransformSpec
+from taxonet.serve.app import TaxonetIngress
+from taxonet.serve.config import IngressSettings
 from taxonet.serve.errors import ApiError
-from taxonet.serve.http import Admission, BearerAuth, PixelBudget, load_tokens
+from taxonet.serve.http import Admission, BearerAuth, PixelBudget, Upload, load_tokens, check_images
+from taxonet.serve.predictor import SERVED_FORMATS, Preprocessor
 
 pytestmark = pytest.mark.unit
 
@@ -72,3 +83,55 @@ def test_pixel_budget_bounds_the_pixels_decoded_at_once() -> None:
         return peak
 
     assert asyncio.run(scenario()) <= 100
+
+
+def _blank(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_the_request_pixel_budget_is_checked_from_the_headers_before_any_decoding() -> None:
+    preprocessor = Preprocessor(TransformSpec(input_size=16), max_pixels=1_000_000, allowed_formats=SERVED_FORMATS)
+    at_budget = [Upload(f"{i}.png", _blank(1000, 1000)) for i in range(2)] + [Upload("2.png", _blank(1000, 500))]
+    # exactly the budget
+    assert check_images(preprocessor, at_budget, max_request_pixels=2_500_000) == [1_000_000, 1_000_000, 500_000]
+    over = [*at_budget[:2], Upload("2.png", _blank(1000, 501))]  # one row more
+    with pytest.raises(ApiError) as info:
+        check_images(preprocessor, over, max_request_pixels=2_500_000)
+    assert info.value.status == 413 and info.value.code == "request_too_large"
+    with pytest.raises(ApiError) as info:  # one image over the per-image limit is named
+        check_images(preprocessor, [at_budget[0], Upload("big.png", _blank(1001, 1000))], max_request_pixels=10**9)
+    assert info.value.code == "image_too_large" and info.value.message.startswith("files[1] (big.png): ")
+
+
+class _NeverAnswers:
+    """A model deployment call that never completes (a stuck replica); records its cancellation."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return asyncio.get_running_loop().create_future().__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Fails:
+    def __await__(self) -> Generator[Any, None, None]:
+        raise RayActorError()
+        yield
+
+
+@pytest.mark.timeout(60)  # without the ingress's own timeout this call would wait forever
+def test_a_model_call_past_the_timeout_is_a_504_and_a_dead_replica_a_503() -> None:
+    ingress = SimpleNamespace(_settings=IngressSettings(classifier_timeout_s=0.2, retry_after_s=2))
+    ask = TaxonetIngress.func_or_class._ask
+    stuck = _NeverAnswers()
+    with pytest.raises(ApiError) as info:
+        asyncio.run(ask(ingress, stuck))
+    assert info.value.status == 504 and info.value.code == "timeout" and stuck.cancelled
+    with pytest.raises(ApiError) as info:
+        asyncio.run(ask(ingress, _Fails()))
+    assert info.value.status == 503 and info.value.headers == {"Retry-After": "2"}

@@ -11,8 +11,13 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from taxonet.data.transforms import ImageDecodeError, TransformSpec, build_eval_transform, decode_image, open_image
-from taxonet.serve.predictor import SERVED_FORMATS, Predictor, Preprocessor, sniff_format
+from taxonet.checkpoint import save_checkpoint
+from taxonet.config import load_config
+from taxonet.data.transforms import (ImageDecodeError, TransformSpec, build_eval_transform, decode_image,
+                                     normalize_uint8, open_image)
+from taxonet.models import build_model
+from taxonet.serve.predictor import SERVED_FORMATS, Predictor, Preprocessor, freeze_for_cpu, sniff_format
+from taxonet.taxonomy import Taxonomy
 from .helpers import animated_gif, check_answer, encode, odd_images, png_bomb, variant
 
 pytestmark = pytest.mark.unit
@@ -79,12 +84,6 @@ def test_strict_thresholds_make_every_rank_unsure(checkpoint: Path, tmp_path: Pa
 
 
 def test_single_task_checkpoint_answers_higher_ranks_from_the_taxonomy(tmp_path: Path, jpeg: bytes) -> None:
-    from taxonet.checkpoint import save_checkpoint
-    from taxonet.config import load_config
-    from taxonet.data.transforms import TransformSpec
-    from taxonet.models import build_model
-    from taxonet.taxonomy import Taxonomy
-
     taxonomy = Taxonomy.demo()
     config = load_config("demo", {"model.backbone": "tiny_cnn", "model.single_task": True, "data.input_size": 32})
     directory = save_checkpoint(tmp_path / "species-only", build_model(config.model, taxonomy), taxonomy, config,
@@ -162,14 +161,10 @@ def test_describe_names_the_model(predictor: Predictor, checkpoint: Path) -> Non
 def test_uint8_pixels_give_the_float_paths_answers(predictor: Predictor, insect_images: list) -> None:
     """The ingress ships resized uint8 pixels (a quarter of the bytes) and the classifier normalises the batch: the
     tensors, logits and answers are those of the float eval transform, exactly."""
-    import torch
-
     data = [encode(image) for _, image in insect_images][:6]
     pixels = torch.stack([predictor.preprocessor.decode_uint8(d) for d in data])
     floats = torch.stack([predictor.preprocess(d) for d in data])
     assert pixels.dtype == torch.uint8 and pixels.shape == floats.shape
-    from taxonet.data.transforms import normalize_uint8
-
     assert torch.equal(normalize_uint8(pixels, predictor.transform), floats)
     for rank, values in predictor.logits(pixels).items():
         assert np.array_equal(values, predictor.logits(floats)[rank])
@@ -208,8 +203,6 @@ def test_cpu_graph_gives_the_eager_models_answers(checkpoint: Path, insect_image
 
 
 def test_a_model_the_graph_would_change_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
-    from taxonet.serve.predictor import freeze_for_cpu
-
     model = _ShapeBranch().eval()
     with caplog.at_level("WARNING", logger="taxonet.serve.predictor"):
         assert freeze_for_cpu(model, 16) is None
@@ -274,3 +267,19 @@ def test_the_decoder_itself_is_restricted_to_the_served_formats(insect_images: l
         with pytest.raises(ImageDecodeError):  # the decoder alone, without the sniffer's verdict
             open_image(data, formats=SERVED_FORMATS)
     assert open_image(tiff).format == "TIFF"  # unrestricted (training data) still reads it
+
+
+def test_device_jpeg_decode_matches_the_pil_path(predictor: Predictor, insect_images: list) -> None:
+    """The JPEG path of GPU serving (decode_jpeg; nvjpeg there) runs on the CPU too: it must agree with PIL closely,
+    also for greyscale and CMYK, and fall back to PIL (with its errors) for what it cannot decode."""
+    images = [encode(image, quality=95) for _, image in insect_images[:4]]
+    images += [encode(insect_images[4][1].convert("L")), encode(insect_images[5][1].convert("CMYK"))]
+    on_device = predictor.preprocess_jpeg_on_device(images)
+    reference = torch.stack([predictor.preprocess(data) for data in images])
+    assert on_device.shape == reference.shape and on_device.dtype == torch.float32
+    difference = (on_device - reference).abs().mean(dim=(1, 2, 3))
+    assert (difference < 0.05).all(), difference  # different resize kernels, same picture
+    png = encode(insect_images[0][1], "PNG")  # not a JPEG: the PIL path, exactly
+    assert torch.allclose(predictor.preprocess_jpeg_on_device([images[0], png])[1], predictor.preprocess(png))
+    with pytest.raises(ImageDecodeError):
+        predictor.preprocess_jpeg_on_device([images[0], images[0][:100]])

@@ -262,7 +262,7 @@ def test_lowest_reliable_level_truth_table(demo: Taxonomy) -> None:
     }
 
 
-def test_broken_chains_are_not_reliable_below_the_break(demo: Taxonomy) -> None:
+def test_lenient_rule_keeps_the_ranks_above_the_break(demo: Taxonomy) -> None:
     hymenoptera, apidae, apis = demo.encode(["Hymenoptera", "Apidae", "Apis mellifera"])
     diptera, vespula = demo.index("order", "Diptera"), demo.index("species", "Vespula vulgaris")
     predictions = np.array([
@@ -274,7 +274,9 @@ def test_broken_chains_are_not_reliable_below_the_break(demo: Taxonomy) -> None:
         [-1, -1, -1],  # nothing predicted
     ])
     sure = np.array([[True] * 3, [True] * 3, [True] * 3, [False, True, True], [False, True, True], [True] * 3])
-    assert lowest_reliable_level(demo, predictions, sure).tolist() == [1, 0, 0, -1, -1, -1]
+    assert lowest_reliable_level(demo, predictions, sure, "lenient").tolist() == [1, 0, 0, -1, -1, -1]
+    # the authors' rule (the default): every broken chain is unsure
+    assert lowest_reliable_level(demo, predictions, sure).tolist() == [-1] * 6
     with pytest.raises(ValueError, match=r"predictions for species must be in 0..8"):
         lowest_reliable_level(demo, np.array([[0, 0, 9]]), np.ones((1, 3), bool))
     with pytest.raises(ValueError, match="sure has shape"):
@@ -311,9 +313,13 @@ def test_assess_multitask_logits(demo: Taxonomy) -> None:
     # sample 3: Vespula has no threshold (counts as sure) but its family is unsure and the chain is broken
     assert result.sure.tolist() == [[True, True, True], [True, True, False], [True, False, True]]
     assert result.consistent.tolist() == [True, True, False]
-    assert result.lowest_reliable_level.tolist() == [2, 1, 0]
-    assert result.reliable_labels(demo) == [("species", "Apis mellifera"), ("family", "Apidae"),
-                                            ("order", "Hymenoptera")]
+    assert thresholds.chain_rule == "strict"
+    assert result.lowest_reliable_level.tolist() == [2, 1, -1]
+    assert result.reliable_labels(demo) == [("species", "Apis mellifera"), ("family", "Apidae"), (None, None)]
+    lenient = assess(demo, thresholds.with_chain_rule("lenient"), {"order": order, "family": family,
+                                                                   "species": species})
+    assert lenient.lowest_reliable_level.tolist() == [2, 1, 0]
+    assert lenient.reliable_labels(demo)[2] == ("order", "Hymenoptera")
     assert result.confidence[0, 0] == pytest.approx(0.5) and np.isnan(result.confidence[2, 2])
 
 

@@ -24,3 +24,18 @@ def test_unseen_probe_prints_its_result_line(weight: str) -> None:
     assert f"outlier_weight={weight} " in line
     values = [float(v) for v in re.findall(r"(?:F1|species|rank|right|AUROC) (\d\.\d+)", line)]
     assert len(values) == 6 and all(0.0 <= v <= 1.0 for v in values), line
+
+
+def test_unseen_probe_summarises_seeds() -> None:
+    result = subprocess.run([sys.executable, str(SCRIPT), "--outlier-weight", "0.35", "--size", "24", "--epochs", "1",
+                             "--per-species", "3", "--per-outlier", "2", "--threads", "1", "--seeds", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    seeds = [re.search(r"seed=(\d+)", line).group(1) for line in result.stdout.splitlines()
+             if line.startswith("RESULT ")]
+    assert seeds == ["0", "1"]
+    summary = re.findall(r"^  (.+): (\d\.\d{3}) ± (\d\.\d{3}) \((\d\.\d{3})–(\d\.\d{3}), n=2\)$", result.stdout,
+                         flags=re.MULTILINE)
+    assert len(summary) == 7, result.stdout
+    for _label, mean, _sd, low, high in summary:
+        assert float(low) <= float(mean) <= float(high)

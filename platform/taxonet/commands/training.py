@@ -24,7 +24,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    train = subparsers.add_parser("train", help="train a model with Ray Train (resumes a run of the same name)")
+    train = subparsers.add_parser(
+        "train", help="train a model with Ray Train (resumes a run of the same name)",
+        description="Trains the config with Ray Train; a rerun of the same train.run_name resumes from its latest "
+                    "checkpoint once it verifies and matches the run's taxonomy and model. The run's best epoch is "
+                    "written to <train.storage>/<run_name>/best; with registry.uri=MODELS it is then published as "
+                    "the next version of MODELS/<registry.name or name>, and registry.promote=ALIAS moves that alias "
+                    "to it. Prints a JSON summary (run, best_checkpoint, best metrics, published version/alias).")
     _add_config_arguments(train)
     train.set_defaults(handler=_train)
 
@@ -63,7 +69,9 @@ def _train(args: argparse.Namespace) -> int:
     result = run_training(config)
     summary = {"run": result.run_uri, "best_checkpoint": result.best_checkpoint,
                "resumed_from_epoch": result.resumed_from_epoch,
-               "best": {k: v for k, v in result.metrics.items() if k.startswith("val_") or k == "epoch"}}
+               "best": {k: v for k, v in result.metrics.items() if k.startswith("val_") or k == "epoch"},
+               # the registry version made from best_checkpoint and the alias moved to it (null: registry.uri unset)
+               "published": result.published.to_dict() if result.published else None}
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -29,6 +29,11 @@ _SCORE_LABELS = {"max_logit": "max logit (the paper's score)", "max_softmax": "m
 
 
 # ---------------------------------------------------------------------------------------------------------- files
+#: one phrase per anomaly.chain_rule, for the report
+CHAIN_RULE_TEXT = {"strict": "a predicted chain that breaks the taxonomy is unsure at every rank, as the authors",
+                   "lenient": "ranks above a broken link of the predicted chain stay reliable, taxonet's variant"}
+
+
 def write_report(report: EvaluationReport, out_dir: str | Path) -> dict[str, Path]:
     """Write report.md, metrics.json, confusion_<rank>.png, curves.png (when there is a history) and, with an
     unseen dataset, unseen.csv into ``out_dir`` (a local directory, created). Returns {name: path}."""
@@ -72,7 +77,8 @@ def markdown(report: EvaluationReport, files: Mapping[str, Path] | None = None) 
     lines = [f"# Evaluation: {report.model_name}", ""]
     lines += [f"- checkpoint: `{report.checkpoint}`", f"- dataset: `{report.dataset}`, split `{report.split}`, "
               f"{report.images} images", f"- heads: {', '.join(report.head_ranks)} (ranks: {', '.join(report.ranks)})"]
-    lines.append(f"- anomaly thresholds: τ = μ − {report.threshold_k:g}·σ per (rank, class)" if report.threshold_k
+    lines.append(f"- anomaly thresholds: τ = μ − {report.threshold_k:g}·σ per (rank, class); chain rule "
+                 f"{report.chain_rule} ({CHAIN_RULE_TEXT.get(str(report.chain_rule), '')})" if report.threshold_k
                  is not None else "- anomaly thresholds: none in this checkpoint (no reliability analysis)")
     lines += ["", "## Per-rank metrics (Table 4 shape: macro precision, recall, F1)", "", table4_markdown(report),
               ""]

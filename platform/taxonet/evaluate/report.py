@@ -114,6 +114,9 @@ class EvaluationReport:
     flagged: dict[str, float] | None
     history: list[dict[str, Any]] = field(default_factory=list)
     unseen: UnseenReport | None = None
+    #: rule for predicted chains that break the taxonomy (anomaly.chain_rule: strict or lenient); None without
+    #: thresholds
+    chain_rule: str | None = None
     notes: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ views
@@ -135,6 +138,7 @@ class EvaluationReport:
             "derived_metrics": self.derived_metrics,
             "consistency": self.consistency,
             "threshold_k": self.threshold_k,
+            "chain_rule": self.chain_rule,
             "lowest_reliable": self.lowest_reliable,
             "reliable_correct": self.reliable_correct,
             "flagged": self.flagged,
@@ -199,6 +203,7 @@ def build_report(
         head_ranks=head_ranks, images=int(len(targets)), rank_metrics=rank_metrics, derived_metrics=derived,
         consistency=float(assessment.consistent.mean()), confusion=confusion,
         threshold_k=None if thresholds is None else float(thresholds.k), lowest_reliable=lowest,
+        chain_rule=None if thresholds is None else thresholds.chain_rule,
         reliable_correct=correct, flagged=flagged, history=[dict(h) for h in history or []], notes=notes,
     )
     if unseen is not None:

@@ -1,4 +1,5 @@
-"""Running a checkpoint over a prepared dataset: load it (local, file:// or s3://), read the Parquet split(s),
+"""Running a checkpoint over a prepared dataset: load it (local, file:// or s3://; verified: manifest, every file's
+sha256, nothing unlisted), read the Parquet split(s),
 collect the model's logits, and hand them to :func:`taxonet.evaluate.report.build_report`."""
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ LabelledBatch = tuple[torch.Tensor | None, torch.Tensor | None, list[tuple[str |
 
 
 def run_evaluation(checkpoint_uri: str, dataset_uri: str, *, split: str = "test", unseen_uri: str | None = None,
-                   device: str = "auto", batch_size: int = 64) -> EvaluationReport:
+                   device: str = "auto", batch_size: int = 64, chain_rule: str | None = None) -> EvaluationReport:
     """Evaluate a checkpoint (local, file:// or s3://) on ``split`` of a prepared dataset, optionally with an
-    unseen-species dataset (its ``unseen`` split if it has one, else all its splits)."""
+    unseen-species dataset (its ``unseen`` split if it has one, else all its splits).
+
+    ``chain_rule``: decide the lowest reliable rank under this rule instead of the one stored with the checkpoint's
+    thresholds (``anomaly.chain_rule``), to compare the strict and lenient rules on one model."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     torch_device = resolve_device(device)
@@ -33,7 +37,8 @@ def run_evaluation(checkpoint_uri: str, dataset_uri: str, *, split: str = "test"
     if split not in info.splits:
         raise DatasetError(f"dataset {dataset_uri} has no split {split!r}; splits are {list(info.splits)}")
     unseen_info = DatasetInfo.load(unseen_uri) if unseen_uri else None  # fail on a bad URI before any model work
-    loaded = load_checkpoint(checkpoint_uri, device=torch_device)
+    # verified as a whole (every listed file's sha256, no unlisted file): a report names what it evaluated
+    loaded = load_checkpoint(checkpoint_uri, device=torch_device, strict=True)
     taxonomy = loaded.taxonomy
     _check_dataset_fits(info, taxonomy, [split], dataset_uri)
     if unseen_info is not None:
@@ -53,7 +58,10 @@ def run_evaluation(checkpoint_uri: str, dataset_uri: str, *, split: str = "test"
         unseen_splits = ["unseen"] if "unseen" in unseen_info.splits else list(unseen_info.splits)
         unseen = _collect_unseen(loaded, unseen_info, unseen_splits, batch_size, torch_device, unseen_skipped)
     model_name = f"{loaded.name} {loaded.version}".strip()
-    report = build_report(taxonomy, logits, targets, thresholds=loaded.thresholds, checkpoint=str(checkpoint_uri),
+    thresholds = loaded.thresholds
+    if thresholds is not None and chain_rule is not None:
+        thresholds = thresholds.with_chain_rule(chain_rule)
+    report = build_report(taxonomy, logits, targets, thresholds=thresholds, checkpoint=str(checkpoint_uri),
                           dataset=str(dataset_uri), split=split, model_name=model_name,
                           history=loaded.metrics.get("history", []), unseen=unseen)
     for where, counts in ((f"split {split!r}", skipped), ("the unseen dataset", unseen_skipped)):

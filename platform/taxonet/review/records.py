@@ -227,3 +227,14 @@ def current_labels(decisions: Iterable[Decision]) -> dict[str, dict[str, Decisio
 def is_disputed(by_reviewer: dict[str, Decision]) -> bool:
     """Two or more reviewers whose current labels differ."""
     return len({d.label_key() for d in by_reviewer.values()}) > 1
+
+
+def list_decision_ids(labels: str) -> list[str]:
+    """The ids of the decisions under ``labels`` (a reader that already holds some reads only the new ones)."""
+    names = storage.list_children(storage.join(labels, "decisions"))
+    return sorted(name[: -len(".json")] for name, is_dir in names.items() if name.endswith(".json") and not is_dir)
+
+
+def read_decision(labels: str, decision_id: str) -> Decision:
+    uri = storage.join(labels, "decisions", f"{check_id(decision_id, 'decision_id')}.json")
+    return Decision.from_dict(json.loads(storage.read_bytes(uri)))

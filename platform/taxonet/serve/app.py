@@ -1,8 +1,8 @@
 """The Ray Serve application: a CPU ingress (HTTP, validation, decoding) and a batched model deployment.
 
-    client ──HTTP──▶ TaxonetIngress (FastAPI)            ──handle──▶ TaxonetClassifier (@serve.batch)
-                     auth, admission, limits, decode              Predictor: batch forward, anomaly test,
-                     + eval transform, one image at a time        top-k per rank, metrics
+    client ──HTTP──▶ TaxonetIngress (FastAPI)        ──handle──▶ TaxonetClassifier (@serve.batch)
+                     auth, admission, header checks,          Predictor: (JPEG decode on the GPU,) batch
+                     decode + eval transform one at a time    forward, anomaly test, top-k per rank, metrics
 
 Import path for ``serve run`` / ``serve deploy`` / the RayService: ``taxonet.serve.app:app_builder`` with the
 arguments of :class:`taxonet.serve.config.ServeArgs`. The classifier follows a model reference — a checkpoint URI
@@ -31,22 +31,21 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
-from PIL import Image
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from taxonet.data.transforms import ImageDecodeError, TransformSpec
+from taxonet.data.transforms import ImageDecodeError, TransformSpec, normalize_uint8
 from taxonet.registry import ResolvedModel
 from taxonet.serve.config import (DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, MODEL_POLL_S, TOKEN_ENV,
                                   TOKEN_FILE_ENV, ClassifierConfig, IngressSettings, ServeArgs)
 from taxonet.serve.errors import ERROR_RESPONSES, ApiError, install_error_handlers
 from taxonet.serve.follower import ModelFollower, ModelNotReady
-from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetrics, Upload, load_tokens,
-                                read_uploads)
+from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetrics, Upload, check_images, load_tokens,
+                                read_uploads, where)
 from taxonet.serve.metrics import ClassifierMetrics, IngressMetrics
 from taxonet.serve.predictor import (SERVED_FORMATS, ClassifyResponse, ImageAnswer, ModelRef, Predictor,
-                                     Preprocessor, spec_key)
+                                     Preprocessor, sniff_format, spec_key)
 
 log = logging.getLogger("ray.serve")
 
@@ -71,9 +70,10 @@ class TaxonetClassifier:
     predictor that was live when it arrived. Until a model is loaded the replica runs and says it is not ready.
     """
 
-    def __init__(self, device: str, defaults: dict[str, Any], graph: bool) -> None:
+    def __init__(self, device: str, defaults: dict[str, Any], graph: bool, jpeg_decode: str) -> None:
         self._device = device
         self._graph = graph
+        self._jpeg_decode = jpeg_decode
         self._defaults = dict(defaults)
         self._config: ClassifierConfig | None = None
         self._predictor: Predictor | None = None
@@ -186,7 +186,14 @@ class TaxonetClassifier:
         info["batch_wait_timeout_s"] = config.batch_wait_timeout_s if config else None
         info["model_poll_s"] = config.model_poll_s if config else None
         info["rollout_error"] = self._rollout_error or (follower.last_error if follower else None)
+        info["jpeg_on_device"] = self._jpeg_on_device()
         return info
+
+    def _jpeg_on_device(self) -> bool:
+        """Whether the ingress should send JPEGs as bytes, for ``preprocess_jpeg_on_device`` here."""
+        if self._jpeg_decode == "auto":
+            return self._predictor is not None and self._predictor.device.type == "cuda"
+        return self._jpeg_decode == "model"
 
     def taxonomy(self) -> dict[str, Any]:
         taxonomy = self._require().taxonomy
@@ -194,9 +201,11 @@ class TaxonetClassifier:
                 "classes": {rank: list(names) for rank, names in zip(taxonomy.ranks, taxonomy.names)},
                 "tree": taxonomy.tree()}
 
-    async def classify_many(self, images: np.ndarray, transform_key: str) -> ClassifyResponse:
-        """Resized uint8 pixels [N, 3, S, S] of one request → its answers in order; :class:`StaleTransformError`
-        when they were prepared with another transform than the served model's.
+    async def classify_many(self, images: np.ndarray | list[np.ndarray | bytes],
+                            transform_key: str) -> ClassifyResponse:
+        """One request's images → its answers in order. Each image is resized uint8 pixels [3, S, S] prepared by the
+        ingress with the transform ``transform_key``, or (``jpeg_on_device``) a JPEG's bytes, decoded here.
+        :class:`StaleTransformError` when pixels were prepared with another transform than the served model's.
 
         One call per HTTP request, however many images it carries: Ray and Serve's per-call work (routing, the
         queue-length probe, (de)serialisation, metrics) runs in this replica's process and shares its GIL with the
@@ -212,7 +221,7 @@ class TaxonetClassifier:
         return ClassifyResponse(model=results[0][0], predictions=[answer for _, answer in results])
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _predict_batch(self, items: list[tuple[Predictor, tuple[np.ndarray, str]]]
+    async def _predict_batch(self, items: list[tuple[Predictor, tuple[np.ndarray | bytes, str]]]
                              ) -> list[tuple[ModelRef, ImageAnswer] | None]:
         # each item carries the predictor its request pinned: a batch formed across a swap runs once per model
         groups: dict[int, tuple[Predictor, list[int]]] = {}
@@ -225,28 +234,44 @@ class TaxonetClassifier:
                 out[index] = answer
         return out
 
-    async def _predict_with(self, predictor: Predictor, items: list[tuple[np.ndarray, str]]
+    async def _predict_with(self, predictor: Predictor, items: list[tuple[np.ndarray | bytes, str]]
                             ) -> list[tuple[ModelRef, ImageAnswer] | None]:
         key = spec_key(predictor.transform)
-        fresh = [i for i, (_, item_key) in enumerate(items) if item_key == key]
+        # JPEG bytes are prepared here, with this model's transform: never stale
+        fresh = [i for i, (item, item_key) in enumerate(items) if isinstance(item, bytes) or item_key == key]
         out: list[tuple[ModelRef, ImageAnswer] | None] = [None] * len(items)
         if fresh:
-            batch = torch.from_numpy(np.stack([items[i][0] for i in fresh]))
+            images = [items[i][0] for i in fresh]
             start = time.perf_counter()
             if predictor.device.type == "cuda":
                 # kernels run asynchronously and the wait for them releases the GIL: a worker thread keeps the
                 # replica's event loop taking requests (the next batch fills while this one runs)
-                answers = await asyncio.to_thread(predictor.predict_tensors, batch)
+                answers = await asyncio.to_thread(self._predict, predictor, images)
             else:
                 # On CPU the forward pass holds a core and, in Python between ops, the GIL: from a worker thread it
                 # starved the event loop, so requests trickled in and batches stayed at ~1 image (ResNet50-MTL,
                 # 2 cores: 14 img/s). Inline, requests queue up during the pass and the next batch takes them all.
-                answers = predictor.predict_tensors(batch)
+                answers = self._predict(predictor, images)
             self._metrics.batch(len(fresh), time.perf_counter() - start, answers)
             model = predictor.model_ref
             for i, answer in zip(fresh, answers):
                 out[i] = (model, answer)
         return out
+
+    @staticmethod
+    def _predict(predictor: Predictor, images: list[np.ndarray | bytes]) -> list[ImageAnswer]:
+        """Answers for a batch of pixels (normalised on the device) and JPEG bytes (decoded on the device)."""
+        jpegs = [index for index, image in enumerate(images) if isinstance(image, bytes)]
+        if not jpegs:
+            return predictor.predict_tensors(torch.from_numpy(np.stack(images)))
+        size = predictor.transform.input_size
+        batch = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=predictor.device)
+        batch[jpegs] = predictor.preprocess_jpeg_on_device([images[index] for index in jpegs])
+        pixels = [index for index, image in enumerate(images) if not isinstance(image, bytes)]
+        if pixels:
+            stacked = torch.from_numpy(np.stack([images[index] for index in pixels])).to(predictor.device)
+            batch[pixels] = normalize_uint8(stacked, predictor.transform)
+        return predictor.predict_tensors(batch)
 
     def _require(self) -> Predictor:
         if self._predictor is None:
@@ -292,6 +317,7 @@ class TaxonetIngress:
         self._decode_budget = PixelBudget(self._settings.decode_pixel_budget)
         self._metrics = IngressMetrics()
         self._preprocessor: Preprocessor | None = None
+        self._jpeg_on_device = False
         self._preprocessor_lock = asyncio.Lock()
         #: the classifier's poll interval as last reported (the Retry-After of model_not_ready)
         self._poll_s = MODEL_POLL_S
@@ -365,46 +391,30 @@ class TaxonetIngress:
         raise ApiError(503, "unavailable", "the model's preprocessing kept changing during this request; retry",
                        headers={"Retry-After": str(self._settings.retry_after_s)})
 
-    @staticmethod
-    def _where(index: int, upload: Upload, count: int) -> str:
-        return f"files[{index}] ({upload.filename}): " if count > 1 or upload.filename else ""
-
-    async def _prepare(self, preprocessor: Preprocessor, uploads: list[Upload]) -> np.ndarray:
+    async def _prepare(self, preprocessor: Preprocessor,
+                       uploads: list[Upload]) -> np.ndarray | list[np.ndarray | bytes]:
         """Every image's header is checked (format, pixels, the request's summed pixels) before any is decoded; then
-        they are decoded one at a time within the replica's pixel budget. Resized uint8 [N, 3, S, S]."""
-        settings = self._settings
-        opened: list[Image.Image | None] = []
-        total = 0
-        try:
-            for index, upload in enumerate(uploads):
-                try:
-                    image = preprocessor.open(upload.data)
-                except ImageDecodeError as exc:
-                    raise ApiError.from_decode(exc, self._where(index, upload, len(uploads))) from None
-                opened.append(image)
-                total += image.width * image.height
-                if total > settings.max_request_pixels:
-                    raise ApiError(413, "request_too_large",
-                                   f"the request's images have more than {settings.max_request_pixels} pixels "
-                                   f"together (the limit per request); send fewer or smaller images")
-            out = np.empty((len(uploads), 3, preprocessor.spec.input_size, preprocessor.spec.input_size),
-                           dtype=np.uint8)
-            for index, image in enumerate(opened):
-                assert image is not None
-                opened[index] = None  # decoded pixels must not outlive this step
-                start = time.perf_counter()
-                try:
-                    async with self._decode_budget.hold(image.width * image.height):
-                        # PIL releases the GIL: decode off the event loop
-                        out[index] = (await asyncio.to_thread(preprocessor.decode, image)).numpy()
-                except ImageDecodeError as exc:
-                    raise ApiError.from_decode(exc, self._where(index, uploads[index], len(uploads))) from None
-                self._metrics.stage("decode", time.perf_counter() - start)
+        they are decoded one at a time within the replica's pixel budget: resized uint8 [N, 3, S, S]. Where the model
+        decodes JPEGs on its device (``jpeg_on_device``), a JPEG goes as its bytes instead."""
+        pixels = check_images(preprocessor, uploads, self._settings.max_request_pixels)
+        size = preprocessor.spec.input_size
+        out = np.empty((len(uploads), 3, size, size), dtype=np.uint8)
+        jpegs: dict[int, bytes] = {}
+        for index, (upload, count) in enumerate(zip(uploads, pixels, strict=True)):
+            if self._jpeg_on_device and sniff_format(upload.data) == "JPEG":
+                jpegs[index] = upload.data
+                continue
+            start = time.perf_counter()
+            try:
+                async with self._decode_budget.hold(count):
+                    # PIL releases the GIL: decode off the event loop
+                    out[index] = (await asyncio.to_thread(preprocessor.decode_uint8, upload.data)).numpy()
+            except ImageDecodeError as exc:
+                raise ApiError.from_decode(exc, where(index, upload, len(uploads))) from None
+            self._metrics.stage("decode", time.perf_counter() - start)
+        if not jpegs:
             return out
-        finally:
-            for image in opened:
-                if image is not None:
-                    image.close()
+        return [jpegs.get(index, out[index]) for index in range(len(uploads))]
 
     async def _current_preprocessor(self, stale_key: str | None = None) -> Preprocessor:
         """The preprocessing of the served checkpoint; fetched once, and again when ``stale_key`` went out of date."""
@@ -414,6 +424,7 @@ class TaxonetIngress:
                 info = await self._ask(self._classifier.describe.remote())
                 if not info.get("transform"):
                     raise self._not_ready(info.get("last_error") or "not loaded yet", info.get("model_poll_s"))
+                self._jpeg_on_device = bool(info.get("jpeg_on_device"))
                 spec = TransformSpec.from_dict(info["transform"])
                 if current is None or current.key != spec_key(spec):
                     self._preprocessor = Preprocessor(spec, max_pixels=self._settings.max_image_pixels,
@@ -464,7 +475,7 @@ def app_builder(args: ServeArgs | dict[str, Any]) -> serve.Application:
     config = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
     user_config = config.classifier_config().model_dump()
     classifier = TaxonetClassifier.options(user_config=user_config, **config.classifier.options()).bind(
-        device=config.device, defaults=user_config, graph=config.graph)
+        device=config.device, defaults=user_config, graph=config.graph, jpeg_decode=config.jpeg_decode)
     return TaxonetIngress.options(**config.ingress.options()).bind(classifier,
                                                                    config.ingress_settings().model_dump())
 

@@ -14,7 +14,7 @@ reads it from ``TAXONET_API_TOKEN`` or from the file named by ``TAXONET_API_TOKE
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve.config import AutoscalingConfig
@@ -85,9 +85,10 @@ class DeploymentArgs(BaseModel):
     #: fixed replica count, used only when ``autoscaling`` is null
     num_replicas: int = Field(1, ge=1)
     #: Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, ...)
+    #: (the ingress's default target stays under its max_concurrent_requests, so it scales out before refusing)
     autoscaling: dict[str, Any] | None = Field(
         default_factory=lambda: {"min_replicas": 1, "max_replicas": DEFAULT_MAX_REPLICAS,
-                                 "target_ongoing_requests": 16})
+                                 "target_ongoing_requests": 4})
     #: Serve's access log line per call (the ingress's: one per HTTP request; the classifier's: one per call from
     #: the ingress, off by default — it repeats the ingress's and costs the model replica's GIL time under load)
     access_log: bool = True
@@ -188,7 +189,7 @@ class IngressSettings(BaseModel):
     #: limit on one image's encoded size (a raw body, or one multipart file)
     max_image_bytes: int = Field(10 * MIB, ge=1)
     #: limit on a whole request body (multipart)
-    max_request_bytes: int = Field(64 * MIB, ge=1)
+    max_request_bytes: int = Field(32 * MIB, ge=1)
     #: most images in one multipart request
     max_files: int = Field(32, ge=1)
     #: limit on one image's pixel count, read from its header: larger images are refused before decoding
@@ -196,7 +197,7 @@ class IngressSettings(BaseModel):
     #: limit on the summed pixel count of one request's images, checked from the headers before any is decoded
     max_request_pixels: int = Field(5 * DEFAULT_MAX_PIXELS, ge=1)
     #: pixels being decoded at once in one replica (summed over all its requests; a request decodes its images one
-    #: at a time): the replica's decode memory is about 10 bytes × this
+    #: at a time): the replica's decode memory is at most about 16 bytes × this (tests/bench/decode_memory.py)
     decode_pixel_budget: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     #: classify requests one ingress replica works on at once; more are answered 503 with Retry-After at once
     max_concurrent_requests: int = Field(8, ge=1)
@@ -228,6 +229,9 @@ class ServeArgs(ClassifierConfig, IngressSettings):
     #: on CPU, run the model as a frozen TorchScript graph (no GIL during the forward pass; checked against the
     #: eager model at load, which is kept if tracing fails); no effect on CUDA
     graph: bool = True
+    #: where JPEGs are decoded: "ingress" (PIL, on the CPU), "model" (the classifier, with decode_jpeg on its device:
+    #: nvjpeg on a GPU) or "auto" (the model when it runs on CUDA). PNG and WebP are always decoded by the ingress
+    jpeg_decode: Literal["auto", "ingress", "model"] = "auto"
     ingress: DeploymentArgs = Field(default_factory=DeploymentArgs)
     classifier: DeploymentArgs = Field(default_factory=_default_classifier)
 

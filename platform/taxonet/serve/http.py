@@ -28,9 +28,11 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from taxonet.data.transforms import ImageDecodeError
 from taxonet.serve.config import TOKEN_ENV, TOKEN_FILE_ENV, IngressSettings
 from taxonet.serve.errors import ApiError
 from taxonet.serve.metrics import IngressMetrics
+from taxonet.serve.predictor import Preprocessor
 
 #: raw-body content types → the format their bytes must sniff as
 RAW_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
@@ -224,6 +226,30 @@ async def read_uploads(request: Request, settings: IngressSettings) -> list[Uplo
         return await read_multipart(request, settings)
     raise ApiError(415, "unsupported_media_type", f"content type {kind or 'none'} is not accepted: send one image "
                    "as image/jpeg, image/png or image/webp, or several as multipart/form-data 'files'")
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def where(index: int, upload: Upload, count: int) -> str:
+    """The prefix naming a file in an error message (none for a lone raw body)."""
+    return f"files[{index}] ({upload.filename}): " if count > 1 or upload.filename else ""
+
+
+def check_images(preprocessor: Preprocessor, uploads: list[Upload], max_request_pixels: int) -> list[int]:
+    """Every image's pixel count, from its header only: format allowed, within the per-image limit, and all of them
+    together within ``max_request_pixels`` (else :class:`ApiError`). Nothing is decoded, and nothing is kept: the
+    images are closed again (a WebP opener holds a copy of its bytes), to be opened once more when decoded."""
+    pixels: list[int] = []
+    for index, upload in enumerate(uploads):
+        try:
+            with preprocessor.open(upload.data) as image:
+                pixels.append(image.width * image.height)
+        except ImageDecodeError as exc:
+            raise ApiError.from_decode(exc, where(index, upload, len(uploads))) from None
+        if sum(pixels) > max_request_pixels:
+            raise ApiError(413, "request_too_large", f"the request's images have more than {max_request_pixels} "
+                                                     "pixels together (the limit per request); send fewer or smaller "
+                                                     "images")
+    return pixels
 
 
 # ---------------------------------------------------------------------------------------------------- auth

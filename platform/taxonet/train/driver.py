@@ -1,11 +1,16 @@
 """The Ray Train driver: a run of :mod:`taxonet.train.worker` on the connected Ray cluster, then its best epoch
-completed (anomaly thresholds) and published for serving.
+completed (anomaly thresholds) into the run's ``best/`` and, when ``registry.uri`` is set, published as the next
+version of the model in the registry (and ``registry.promote`` moved to it).
+
+Before any worker starts, the driver fails early on what would fail later: a registry it cannot write to, and a
+resume from a checkpoint that does not verify or whose taxonomy or model architecture is not the run's.
 
 Run layout under ``train.storage`` (local directory or ``s3://bucket/prefix``)::
 
     <run_name>/checkpoint_*/   Ray Train checkpoints (latest + best by val_loss), each a complete taxonet checkpoint
                                plus its resume state (train_state.pt)
-    <run_name>/best/           the best epoch with anomaly thresholds and the run's history: what serving loads
+    <run_name>/best/           the best epoch with anomaly thresholds and the run's history (evaluate it; serving
+                               follows the registry version published from it)
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from taxonet.data.ray_splits import load_split, read_split
 from taxonet.data.transforms import TransformSpec
 from taxonet.devices import resolve_device
 from taxonet.errors import DatasetError
-from taxonet.train.loop import Metrics, TrainState, complete_checkpoint
-from taxonet.train.worker import train_loop_per_worker
+from taxonet.registry import PublishedRun, RegistryError, check_publish_target, publish_run
+from taxonet.taxonomy import Taxonomy
+from taxonet.train.loop import Metrics, TrainState, check_resumable, complete_checkpoint
+from taxonet.train.worker import checkpoint_uri, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +55,23 @@ class TrainingResult:
     metrics: Metrics
     history: list[Metrics]
     resumed_from_epoch: int | None
+    #: the registry version published from ``best_checkpoint`` (None when ``registry.uri`` is empty)
+    published: PublishedRun | None = None
 
 
 def run_training(config: RunConfig) -> TrainingResult:
     """Train ``config`` with Ray Train on the connected Ray cluster (``ray.init`` must have been called).
 
-    A rerun with the same ``train.run_name`` and ``train.storage`` resumes from the latest checkpoint.
+    A rerun with the same ``train.run_name`` and ``train.storage`` resumes from the latest checkpoint, once it
+    verifies and fits the run. With ``registry.uri`` the finished run is published (:func:`publish_run`); a failed
+    publish raises RegistryError after training, the run's ``best/`` kept.
     """
     if not config.data.dataset:
         raise DatasetError("data.dataset is not set: give the prepared dataset URI (--set data.dataset=URI)")
     info = DatasetInfo.load(config.data.dataset)
+    check_publish_target(config)
+    storage_path, filesystem = _storage_for_ray(config.train.storage)
+    _check_resume(config, info.taxonomy, storage_path, filesystem)
     # one progress bar per split and epoch from Ray Data's coordinators drowns the per-epoch summary lines
     ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("TAXONET_DATA_PROGRESS"))
     datasets = {}
@@ -69,7 +83,6 @@ def run_training(config: RunConfig) -> TrainingResult:
             # Reading is light (decode happens in the workers' Collator): a fractional CPU per read task lets reads
             # run even when the training workers hold every CPU of a node.
             datasets[name] = read_split(config.data.dataset, split, num_cpus=0.25)
-    storage_path, filesystem = _storage_for_ray(config.train.storage)
     run_uri = storage.join(config.train.storage, config.train.run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -90,11 +103,11 @@ def run_training(config: RunConfig) -> TrainingResult:
     result = trainer.fit()
     if result.error:
         raise result.error
-    history = _history(result)
+    history = _history(result, config.train.storage)
     start_epoch = int((result.metrics or {}).get("start_epoch", 0))
     best_checkpoint, best_metrics = min(result.best_checkpoints or [(result.checkpoint, result.metrics)],
                                         key=lambda pair: pair[1].get("val_loss", math.inf))
-    best_source = _checkpoint_uri(best_checkpoint, config.train.storage)
+    best_source = checkpoint_uri(best_checkpoint, config.train.storage)
     best_uri = storage.join(run_uri, "best")
     if config.train.use_gpu:  # one pass over the training split: worth a GPU task on the cluster
         remote = ray.remote(publish_best).options(num_cpus=config.train.cpus_per_worker, num_gpus=1)
@@ -102,8 +115,16 @@ def run_training(config: RunConfig) -> TrainingResult:
     else:  # on CPU the driver does it itself (no extra scheduling round trip)
         publish_best(config, best_source, best_uri, history)
     log.info("training finished in %.0f s; best checkpoint %s", time.time() - started, best_uri)
+    try:
+        published = publish_run(best_uri, config)
+    except RegistryError as exc:
+        raise RegistryError(f"training finished and its best checkpoint {best_uri} is kept, but publishing it "
+                            f"failed: {exc}") from exc
+    if published is not None:
+        log.info("published %s%s", published.reference,
+                 f"; {published.to_dict()['alias_reference']} points at it" if published.alias else "")
     return TrainingResult(run_uri=run_uri, best_checkpoint=best_uri, metrics=dict(best_metrics), history=history,
-                          resumed_from_epoch=start_epoch if start_epoch > 0 else None)
+                          resumed_from_epoch=start_epoch if start_epoch > 0 else None, published=published)
 
 
 def scaling_config(config: RunConfig) -> ScalingConfig:
@@ -120,7 +141,7 @@ def scaling_config(config: RunConfig) -> ScalingConfig:
     return ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources)
 
 
-def publish_best(config: RunConfig, checkpoint_uri: str, best_uri: str, history: list[Metrics]) -> int:
+def publish_best(config: RunConfig, source_uri: str, best_uri: str, history: list[Metrics]) -> int:
     """Complete the best epoch's checkpoint (:func:`taxonet.train.loop.complete_checkpoint`: thresholds fitted on the
     training split, the run's history) and publish it to ``best_uri``; returns the number of thresholds.
 
@@ -135,7 +156,7 @@ def publish_best(config: RunConfig, checkpoint_uri: str, best_uri: str, history:
                                shuffle=False)
     with tempfile.TemporaryDirectory(prefix="taxonet-best-") as tmp:
         # a new directory: a local Ray checkpoint keeps its resume state for a later rerun
-        source = materialize(checkpoint_uri, Path(tmp) / "download")
+        source = materialize(source_uri, Path(tmp) / "download")
         thresholds = complete_checkpoint(source, Path(tmp) / "best", (collate(batch) for batch in raw), device=device,
                                          history=history)
         publish_checkpoint(Path(tmp) / "best", best_uri)
@@ -164,20 +185,29 @@ def _storage_for_ray(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
     return local, None
 
 
-def _history(result: ray.train.Result) -> list[Metrics]:
+def _check_resume(config: RunConfig, taxonomy: Taxonomy, storage_path: str,
+                  filesystem: pyarrow.fs.FileSystem | None) -> None:
+    """If Ray Train will resume this run (an earlier run of the same name checkpointed), check its latest checkpoint
+    now: it must verify (manifest, every hash) and match the run's taxonomy and model architecture. The workers
+    check again what they load (a retry may resume from a later checkpoint)."""
+    try:
+        previous = ray.train.Result.from_path(f"{storage_path.rstrip('/')}/{config.train.run_name}",
+                                              storage_filesystem=filesystem)
+    except RuntimeError as exc:  # no run of this name yet (or none that Ray Train recorded): a fresh start
+        log.debug("no earlier run to resume: %s", exc)
+        return
+    if previous.checkpoint is None:
+        return
+    uri = checkpoint_uri(previous.checkpoint, config.train.storage)
+    log.info("run %s exists: checking its latest checkpoint %s before resuming", config.train.run_name, uri)
+    check_resumable(uri, config, taxonomy)
+
+
+def _history(result: ray.train.Result, storage_uri: str) -> list[Metrics]:
     """Per-epoch metrics of the whole run (including epochs before a resume), from the latest checkpoint."""
     if result.checkpoint is None:  # nothing was checkpointed: the last report is all there is
         return [dict(result.metrics)] if result.metrics else []
-    with result.checkpoint.as_directory() as directory:
-        return TrainState.load(directory).history
-
-
-def _checkpoint_uri(checkpoint: ray.train.Checkpoint, storage_uri: str) -> str:
-    """A Ray Train Checkpoint → a URI taxonet's storage understands (s3://bucket/key or a local path)."""
-    if storage.is_s3(storage_uri):
-        path = checkpoint.path
-        return path if path.startswith("s3://") else f"s3://{path}"
-    return checkpoint.path
+    return TrainState.load(checkpoint_uri(result.checkpoint, storage_uri)).history
 
 
 __all__ = ["TrainingResult", "publish_best", "run_training", "scaling_config"]

@@ -37,10 +37,11 @@ from torch import nn
 
 from taxonet import storage
 from taxonet.anomaly import AnomalyThresholds
-from taxonet.checkpoint import load_checkpoint, save_checkpoint
+from taxonet.checkpoint import load_checkpoint, read_verified, require_compatible, save_checkpoint
 from taxonet.config import AnomalyConfig, ModelConfig, OptimConfig, RunConfig
 from taxonet.data.transforms import TransformSpec
 from taxonet.devices import autocast, to_device
+from taxonet.errors import CheckpointError
 from taxonet.losses import build_loss
 from taxonet.metrics import consistency_rate, evaluate_predictions
 from taxonet.models import WeightsUnavailableError, build_model, imagenet_weights
@@ -242,7 +243,8 @@ def fit_thresholds(model: nn.Module, batches: Iterable[Batch], taxonomy: Taxonom
                    anomaly: AnomalyConfig, *, amp: bool = True, channels_last: bool = True) -> AnomalyThresholds:
     """Fit the per-(rank, class) N(μ, σ) thresholds on the given (training) batches with the model in eval mode."""
     logits, targets = collect_logits(model, batches, device, amp=amp, channels_last=channels_last)
-    return AnomalyThresholds.fit(taxonomy, logits, targets, k=anomaly.k, min_samples=anomaly.min_samples)
+    return AnomalyThresholds.fit(taxonomy, logits, targets, k=anomaly.k, min_samples=anomaly.min_samples,
+                                 chain_rule=anomaly.chain_rule, round_tau=anomaly.round_tau)
 
 
 def _gather_ranks(logits: dict[str, np.ndarray], targets: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -294,13 +296,34 @@ class TrainState:
     model: dict[str, torch.Tensor]
 
     @classmethod
-    def load(cls, directory: str | Path) -> TrainState:
-        """From an epoch checkpoint directory (one that :meth:`EpochCheckpoint.write` wrote)."""
-        directory = Path(directory)
-        state = torch.load(directory / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-        weights = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
-        return cls(epoch=int(state["epoch"]), best_loss=float(state["best_loss"]),
-                   history=json.loads(state["history"]), optimizer=state["optimizer"], model=weights)
+    def load(cls, uri: str | Path) -> TrainState:
+        """From an epoch checkpoint (local directory or URI; one that :meth:`EpochCheckpoint.write` wrote), verified
+        first: its manifest must exist (a half-written checkpoint has none) and every listed file must match its
+        sha256 (:func:`taxonet.checkpoint.read_verified`). Read into memory: nothing is left on disk, also from S3."""
+        _, files = read_verified(uri, (TRAIN_STATE_FILE, MODEL_FILE))
+        try:
+            state = torch.load(io.BytesIO(files[TRAIN_STATE_FILE]), map_location="cpu", weights_only=True)
+            weights = torch.load(io.BytesIO(files[MODEL_FILE]), map_location="cpu", weights_only=True)
+            return cls(epoch=int(state["epoch"]), best_loss=float(state["best_loss"]),
+                       history=json.loads(state["history"]), optimizer=state["optimizer"], model=weights)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot resume from {uri}: {TRAIN_STATE_FILE} is not a taxonet training state "
+                                  f"({type(exc).__name__}: {exc})") from None
+
+
+def resume_state(uri: str | Path, config: RunConfig, taxonomy: Taxonomy) -> TrainState:
+    """The state to resume ``config`` on ``taxonomy`` from the epoch checkpoint at ``uri``: verified
+    (:meth:`TrainState.load`) and refused with every difference named when its taxonomy or model architecture is not
+    the run's (:func:`taxonet.checkpoint.require_compatible`)."""
+    state = TrainState.load(uri)
+    require_compatible(uri, config, taxonomy, action="resume from")
+    return state
+
+
+def check_resumable(uri: str | Path, config: RunConfig, taxonomy: Taxonomy) -> None:
+    """:func:`resume_state`'s checks without loading the weights: what the driver checks before any worker starts."""
+    read_verified(uri, ())
+    require_compatible(uri, config, taxonomy, action="resume from")
 
 
 @dataclass

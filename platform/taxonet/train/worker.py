@@ -2,7 +2,8 @@
 
 Thin by design, the Ray lines marked ``# Ray``: the run config and taxonomy arrive in Ray's ``train_loop_config``,
 the data as this worker's Ray Data shards of raw rows (decoded here by the pipeline's
-:class:`~taxonet.data.pipeline.Collator`), a resume as Ray Train's latest checkpoint; the model is placed by
+:class:`~taxonet.data.pipeline.Collator`), a resume as Ray Train's latest checkpoint (verified and checked against
+the run by :func:`~taxonet.train.loop.resume_state`); the model is placed by
 ``prepare_model`` (DDP), and every epoch is reported to Ray Train, worker 0 with its checkpoint.
 """
 
@@ -20,12 +21,13 @@ import torch
 from ray.train import Checkpoint
 from ray.train.torch import get_device, prepare_model
 
+from taxonet import storage
 from taxonet.config import RunConfig
 from taxonet.data.device_decode import DeviceCollator, background
 from taxonet.data.pipeline import Collator, resolve_loader_threads
 from taxonet.data.transforms import TransformSpec
 from taxonet.taxonomy import Taxonomy
-from taxonet.train.loop import Batch, EpochCheckpoint, Metrics, TrainState, epoch_summary, fit
+from taxonet.train.loop import Batch, EpochCheckpoint, Metrics, epoch_summary, fit, resume_state
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,15 @@ class ReportToRayTrain:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))  # Ray
 
 
+def checkpoint_uri(checkpoint: Checkpoint, storage_uri: str) -> str:
+    """A Ray Train Checkpoint of a run stored under ``storage_uri`` → a URI taxonet's storage reads (s3://bucket/key
+    or a local path)."""
+    if storage.is_s3(storage_uri):
+        path = checkpoint.path
+        return path if path.startswith("s3://") else f"s3://{path}"
+    return checkpoint.path
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; ``loop_config`` holds the run config and the taxonomy."""
     config: RunConfig = loop_config["config"]
@@ -111,8 +122,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     resume = None
     checkpoint = ray.train.get_checkpoint()  # Ray: a rerun with the same name, or a retry after a worker failure
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            resume = TrainState.load(directory)
+        # verified (manifest, every hash) and refused if its taxonomy or architecture is not this run's; read into
+        # memory through taxonet.storage, so no download directory is left behind
+        resume = resume_state(checkpoint_uri(checkpoint, config.train.storage), config, taxonomy)
         if rank == 0:
             log.info("resuming from epoch %d (best val_loss %.4f)", resume.epoch + 1, resume.best_loss)
     device = get_device()  # Ray
