@@ -62,11 +62,19 @@ class DataConfig:
     #: split names used for training / validation (best-checkpoint selection)
     train_split: str = "train"
     val_split: str = "val"
+    #: where training decodes the JPEG shards: "cpu" (PIL + torchvision transforms per image, in the worker's
+    #: loader threads), "gpu" (one batched nvjpeg decode per batch on the worker's device, then resize and the
+    #: paper's augmentations per batch there; only the JPEG bytes cross to the device) or "auto" (gpu when the
+    #: worker has a CUDA device). See docs/data.md "Decoding on the device".
+    decode: str = "cpu"
     #: keep the splits in Ray's object store after the first read ("auto": when the split's Parquet bytes take at
     #: most a quarter of the cluster's object store; "always"; "never": stream from storage every epoch). Reading
     #: once saves each epoch the wait for its first batch (~1.9 s per epoch on 2 CPU cores for 1,800 small crops).
     cache: str = "auto"
 
+
+#: where training decodes images (DataConfig.decode)
+DECODE_MODES = ("cpu", "gpu", "auto")
 
 #: the dependency terms of taxonet.losses
 DEPENDENCIES = ("paper", "soft", "none")
@@ -112,10 +120,18 @@ class TrainConfig:
     run_name: str = "taxonet"
     #: where runs are written: local directory or s3://bucket/prefix
     storage: str = "runs"
+    #: Ray Train workers (one per GPU); the most an elastic run uses
     num_workers: int = 1
+    #: elastic training: the fewest workers a run starts or continues with (ScalingConfig(num_workers=(min, max)));
+    #: null = num_workers, a fixed size. See docs/scaling.md "Losing a node".
+    min_workers: int | None = None
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    #: more resources each worker needs, merged into ScalingConfig.resources_per_worker: custom node resources
+    #: (``{node_b: 0.5}``) or an accelerator type (``{"accelerator_type:H100": 0.001}``); CPU and GPU come from
+    #: cpus_per_worker and gpus_per_worker
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     #: FailureConfig(max_failures): worker failures retried from the latest checkpoint
     max_failures: int = 1
@@ -124,8 +140,9 @@ class TrainConfig:
     channels_last: bool = True
     #: limit batches per epoch (0 = all); for smoke tests and benchmarks
     max_steps_per_epoch: int = 0
-    #: data-loading threads per worker for decode/augment
-    loader_threads: int = 1
+    #: data-loading threads per worker for decode/augment: a number, or "auto" = the CPUs Ray gives the worker
+    #: (its ``cpus_per_worker``, rounded down, at least 1)
+    loader_threads: int | str = 1
 
 
 #: rules for a predicted chain that is not a path of the taxonomy (taxonet.anomaly.lowest_reliable_level)
@@ -324,6 +341,20 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     text = str(hint)
+    if text == "int | None":
+        if value is None or isinstance(value, _OverrideValue) and value.parsed is None:
+            return None
+        return _as_int(value, key)
+    if text == "int | str":  # a count or a word (train.loader_threads: 4 or "auto")
+        if value is None or isinstance(value, _OverrideValue) and value.parsed is None:
+            raise ConfigError(f"{key} may not be null")
+        if isinstance(value, _OverrideValue):
+            value = value.parsed if isinstance(value.parsed, str) else value
+        if isinstance(value, str) and _number_from_text(value) is None:
+            return value.strip()
+        return _as_int(value, key)
+    if text == "dict[str, float]":
+        return _as_resources(value.parsed if isinstance(value, _OverrideValue) else value, key)
     if hint is float:
         if isinstance(value, _OverrideValue) and value.parsed is None or value is None:
             raise ConfigError(f"{key} may not be null")
@@ -357,6 +388,25 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def _as_resources(value: Any, key: str) -> dict[str, float]:
+    """A mapping of Ray resource names to amounts per worker (``{node_b: 0.5}``)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping of resource name to amount, e.g. {{node_b: 0.5}}; got {value!r}")
+    resources = {}
+    for name, amount in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{key}: resource names must be non-empty strings, got {name!r}")
+        if name in ("CPU", "GPU"):
+            raise ConfigError(f"{key} may not set {name}: use train.{name.lower()}s_per_worker")
+        number = _as_float(amount, f"{key}.{name}")
+        if number < 0:
+            raise ConfigError(f"{key}.{name} must be >= 0, got {number}")
+        resources[name] = number
+    return resources
+
+
 def from_dict(data: dict[str, Any]) -> RunConfig:
     config = _build(RunConfig, data, "")
     validate(config)
@@ -374,6 +424,14 @@ def validate(config: RunConfig) -> None:
                        ("train.num_workers", config.train.num_workers), ("data.input_size", config.data.input_size)):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if config.train.min_workers is not None and not 1 <= config.train.min_workers <= config.train.num_workers:
+        raise ConfigError(f"train.min_workers must be between 1 and train.num_workers ({config.train.num_workers}), "
+                          f"got {config.train.min_workers}")
+    threads = config.train.loader_threads
+    if threads != "auto" and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"train.loader_threads must be a number >= 1 or auto, got {threads!r}")
+    if config.data.decode not in DECODE_MODES:
+        raise ConfigError(f"data.decode must be one of {', '.join(DECODE_MODES)}, got {config.data.decode!r}")
     if not 0.0 <= config.model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {config.model.dropout}")
     _validate_registry(config)

@@ -13,6 +13,11 @@ this machine, which bounds what any model can reach through HTTP.
 Usage:  .venv/bin/python tests/bench/bench_serve.py [--backbone resnet18 --size 128 --batch-size 8
                                                      --concurrency 1,4,8,16 --seconds 15]
 
+GPU mode (``--device cuda``): the classifier deployment holds the GPU (num_gpus 1) and the in-process predictor
+runs on it too; ``--ingress-replicas auto`` scales the CPU ingress (HTTP, validation, JPEG decode and resize) to the
+cores left beside the classifier and the load generator. The same flags run on a CPU (``--device cpu``, the default)
+for a smoke test; ``--json PATH`` writes the results for a test to read.
+
 The load generator runs on the same cores as Serve; on a small machine it takes a share of the CPU the server
 would otherwise have, so the ratio is a lower bound.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import platform
 import socket
@@ -74,14 +80,22 @@ def synthetic_jpegs(count: int, side: int) -> list[bytes]:
     return out[:count]
 
 
-def load_predictor(checkpoint: Path, threads: int, graph: bool = True) -> Any:
+def load_predictor(checkpoint: Path, threads: int, graph: bool = True, device: str = "cpu") -> Any:
     """The in-process predictor, loaded (and frozen into a graph) once per run, on ``threads`` torch threads."""
     import torch
 
     from taxonet.serve.predictor import Predictor
 
     torch.set_num_threads(threads)
-    return Predictor.from_checkpoint(str(checkpoint), device="cpu", graph=graph)
+    return Predictor.from_checkpoint(str(checkpoint), device=device, graph=graph)
+
+
+def ingress_replicas(setting: str, cpus: int, classifier_cpus: int) -> int:
+    """``--ingress-replicas``: a number, or "auto" = half of the cores the classifier leaves (the other half runs the
+    proxy and the load generator on this machine), at least 1."""
+    if setting == "auto":
+        return max(1, (cpus - classifier_cpus) // 2)
+    return max(1, int(setting))
 
 
 def in_process(predictor: Any, jpegs: list[bytes], batch_size: int, seconds: float) -> float:
@@ -208,6 +222,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="run the model as a frozen TorchScript graph on both sides (the default; --no-graph: "
                              "the eager model on both sides)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the embedded Ray")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the classifier and the in-process predictor run (cuda: one GPU, num_gpus 1)")
+    parser.add_argument("--ingress-replicas", default="1",
+                        help="ingress replicas: a number or auto = half the cores beside the classifier (default 1)")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -222,12 +241,13 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp), args.backbone,
                                                                                    args.size)
         jpegs = synthetic_jpegs(64, args.image_side)
-        predictor = load_predictor(checkpoint, args.threads, args.graph)
+        predictor = load_predictor(checkpoint, args.threads, args.graph, args.device)
+        replicas = ingress_replicas(args.ingress_replicas, args.num_cpus, args.threads)
         before = in_process(predictor, jpegs, args.batch_size, args.seconds)
         print(f"in-process predictor, batch {args.batch_size}: {before:,.1f} img/s", flush=True)
 
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=args.num_cpus, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
+                 log_to_driver=False, _node_ip_address="127.0.0.1")
         with socket.socket() as sock:  # a free loopback port for Serve's proxy
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -235,11 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         # the classifier gets as many CPUs as the in-process predictor has threads (Ray sets its OMP_NUM_THREADS
         # from num_cpus); the ingress and the proxy share the rest with the load generator
         serve.run(app_builder({
-            "checkpoint": str(checkpoint), "device": "cpu", "graph": args.graph, "max_batch_size": args.batch_size,
-            "batch_wait_timeout_s": args.batch_wait_s,
-            "ingress": {"num_cpus": 0, "autoscaling": None, "num_replicas": 1},
-            "classifier": {"num_cpus": args.threads, "autoscaling": None, "num_replicas": 1,
-                           "max_ongoing_requests": max(64, args.batch_size)},
+            "checkpoint": str(checkpoint), "device": args.device, "graph": args.graph,
+            "max_batch_size": args.batch_size, "batch_wait_timeout_s": args.batch_wait_s,
+            "ingress": {"num_cpus": 0, "autoscaling": None, "num_replicas": replicas},
+            "classifier": {"num_cpus": args.threads, "num_gpus": 1 if args.device == "cuda" else 0,
+                           "autoscaling": None, "num_replicas": 1,
+                           "max_ongoing_requests": max(64, 2 * args.batch_size)},
         }), name="bench", route_prefix="/")
         if not 1 <= args.images_per_request <= 32:
             parser.error("--images-per-request must be in 1..32 (the app's default max_files)")
@@ -268,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{os.getloadavg()[0]:.1f}; {args.backbone} at {args.size} px, JPEGs of {args.image_side} px, "
           f"batch {args.batch_size} (Serve waits up to {args.batch_wait_s * 1000:g} ms to fill one), "
           f"{args.threads} torch thread(s), {args.images_per_request} image(s) per request, "
-          f"{'TorchScript graph' if args.graph else 'eager model'}")
+          f"{'TorchScript graph' if args.graph else 'eager model'}; device {args.device}"
+          + (f" ({torch_device_name()})" if args.device == "cuda" else "") + f"; {replicas} ingress replica(s)")
     print(f"in-process predictor: {baseline:,.1f} img/s mean (measured before the first level and after each: "
           f"{', '.join(f'{b:,.1f}' for b in baselines)})\n")
     print("| clients | HTTP img/s | p50 ms per request | p99 ms | errors | in-process img/s around it | ratio to "
@@ -278,6 +300,18 @@ def main(argv: list[str] | None = None) -> None:
               f"{len(result['errors'])} | {result['baseline']:,.1f} | {result['img_per_s'] / result['baseline']:.2f} | "
               f"{floors[concurrency]:,.1f} |")
     print(f"\nbest HTTP / in-process = {best:.2f} (target ≥ 0.8)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": args.device, "ingress_replicas": replicas, "baselines": baselines, "best_ratio": best,
+            "rows": [{"clients": c, "img_per_s": r["img_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+                      "errors": len(r["errors"]), "baseline": r["baseline"], "floor_req_per_s": floors[c]}
+                     for c, r in rows]}, indent=2))
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
 
 
 if __name__ == "__main__":

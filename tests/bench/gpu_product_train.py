@@ -12,9 +12,14 @@ a process pool, stored at ``--stored-side`` (default: the input size, i.e. crops
 
 Ray is not installed on the GPU box: bring it with tests/bench/gpu_pack_ray.sh (docs/benchmarks.md says how).
 
+Each case runs once per ``--decode`` mode (``data.decode``): cpu = PIL decode + torchvision transforms in the
+worker's loader threads (``train.loader_threads: auto`` = the worker's CPUs), gpu = one nvjpeg call per batch with
+resize and augmentation on the GPU (taxonet.data.device_decode); the dataset is stored at the input size
+(``prepare --train-size``) unless ``--stored-side`` says otherwise.
+
 GPU:  PYTHONPATH=/tmp/raysite:platform:. python3 tests/bench/gpu_product_train.py
       (cases: r50-128 = ResNet50-MTL 128 px batch 512, r50-224 = 224 px batch 256, b3-128 = EfficientNet-B3-MTL
-      128 px batch 256; --cases r50-128,b3-128 for a subset)
+      128 px batch 256; --cases r50-128,b3-128 for a subset; --decode cpu,gpu)
 CPU:  python tests/bench/gpu_product_train.py --smoke   (tiny model, 32 px, seconds of training; tested in CI)
 """
 
@@ -90,8 +95,8 @@ def make_dataset(directory: Path, side: int, train_rows: int, processes: int) ->
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         items = pool.map(_render, jobs, chunksize=64)
     uri = str(directory / f"ds-{side}")
-    build_dataset(items, uri, taxonomy, PrepareOptions(max_side=side, shard_size=2000, workers=processes,
-                                                        progress=False),
+    build_dataset(items, uri, taxonomy, PrepareOptions(max_side=side, train_size=side, shard_size=2000,
+                                                        workers=processes, progress=False),
                   source_description=f"synthetic, {total} crops of {side} px (gpu_product_train.py)")
     print(f"dataset: {total} crops of {side} px in {time.perf_counter() - started:.0f} s -> {uri}", flush=True)
     return uri
@@ -140,18 +145,18 @@ def anchor(case: Case, device: torch.device, steps: int, warmup: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ product run
-def product_run(case: Case, dataset: str, storage: str, epochs: int, cpus: float, loader_threads: int,
-                use_gpu: bool, augment: bool | None) -> list[dict]:
+def product_run(case: Case, dataset: str, storage: str, epochs: int, cpus: float, loader_threads: int | str,
+                use_gpu: bool, augment: bool | None, decode: str = "cpu") -> list[dict]:
     """`taxonet train` (the CLI verb, in this process, on the Ray started by main); returns the run's history."""
     from taxonet import cli
 
-    run = f"bench-{case.backbone}-{case.size}-{int(time.time())}"
+    run = f"bench-{case.backbone}-{case.size}-{decode}-{int(time.time())}"
     sets = {
         "model.backbone": case.backbone, "model.weights": "null", "data.dataset": dataset,
         "data.input_size": case.size, "optim.batch_size": case.batch, "optim.epochs": epochs,
         "train.max_steps_per_epoch": case.steps, "train.storage": storage, "train.run_name": run,
         "train.num_workers": 1, "train.use_gpu": str(use_gpu).lower(), "train.cpus_per_worker": cpus,
-        "train.loader_threads": loader_threads, "train.max_failures": 0,
+        "train.loader_threads": loader_threads, "train.max_failures": 0, "data.decode": decode,
     }
     if augment is not None:
         sets["data.augment"] = str(augment).lower()
@@ -175,7 +180,12 @@ def main() -> None:
     parser.add_argument("--anchor-steps", type=int, default=20)
     parser.add_argument("--stored-side", type=int, default=0, help="stored crop side (default: the input size)")
     parser.add_argument("--cpus", type=float, default=0, help="CPUs of the worker (default: all but 2)")
-    parser.add_argument("--loader-threads", type=int, default=0, help="decode threads (default: the config's)")
+    parser.add_argument("--loader-threads", default="auto",
+                        help="train.loader_threads for the cpu decode: a number or auto (default: auto = the "
+                             "worker's CPUs)")
+    parser.add_argument("--decode", default="cpu,gpu",
+                        help="comma list of data.decode modes to run each case with (default: cpu,gpu; on a CPU "
+                             "machine gpu runs the same device code on the CPU)")
     parser.add_argument("--augment", choices=("config", "true", "false"), default="config")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, seconds: checks the plumbing only")
     parser.add_argument("--out", default="", help="also write the table and raw results here (JSON + Markdown)")
@@ -215,41 +225,47 @@ def main() -> None:
                 ray.init(address="local", num_cpus=int(cores) if not args.smoke else 2, num_gpus=1 if cuda else 0,
                          include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
                 ray_started = True
-            config_threads = args.loader_threads or (1 if args.smoke else 0)
-            history = product_run(case, datasets[side], str(work / "runs"), epochs, cpus,
-                                  config_threads or _config_threads(case.config), cuda, augment)
-            after = [h for h in history if h["epoch"] >= 1]
-            per_epoch = [round(h["images_per_s"], 1) for h in history]
-            mean_after = statistics.mean(h["images_per_s"] for h in after) if after else float("nan")
-            results.append({"case": case.name, "batch": case.batch, "stored_side": side, "anchor": rate,
-                            "per_epoch": per_epoch, "after_warmup": mean_after, "ratio": mean_after / rate,
-                            "first_batch_s": [round(h.get("first_batch_s", float("nan")), 2) for h in history],
-                            "steps": case.steps})
+            threads: int | str = args.loader_threads if args.loader_threads == "auto" else int(args.loader_threads)
+            for decode in args.decode.split(","):
+                try:
+                    history = product_run(case, datasets[side], str(work / "runs"), epochs, cpus,
+                                          1 if args.smoke else threads, cuda, augment, decode)
+                except Exception as exc:  # one failing mode must not cost the other cases their numbers
+                    print(f"{case.name}, decode {decode}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+                    continue
+                after = [h for h in history if h["epoch"] >= 1]
+                per_epoch = [round(h["images_per_s"], 1) for h in history]
+                mean_after = statistics.mean(h["images_per_s"] for h in after) if after else float("nan")
+                results.append({"case": case.name, "decode": decode, "batch": case.batch, "stored_side": side,
+                                "anchor": rate, "per_epoch": per_epoch, "after_warmup": mean_after,
+                                "ratio": mean_after / rate,
+                                "first_batch_s": [round(h.get("first_batch_s", float("nan")), 2) for h in history],
+                                "steps": case.steps})
+                write_results(header, results, args.out)
     finally:
         if ray_started:
             ray.shutdown()
+    print(write_results(header, results, args.out))
+
+
+def write_results(header: str, results: list[dict], out: str) -> str:
+    """The Markdown table of ``results``; also written (with the raw JSON) under ``out`` when given — after every
+    run, so that a run stopped by its time limit leaves the cases it finished."""
     lines = [header, "",
-             "| case | batch | stored px | anchor img/s (tensors) | taxonet train img/s per epoch | after warm-up | "
-             "ratio | first batch s per epoch |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | decode | batch | stored px | anchor img/s (tensors) | taxonet train img/s per epoch | "
+             "after warm-up | ratio | first batch s per epoch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['case']} | {r['batch']} | {r['stored_side']} | {r['anchor']:,.0f} | "
+        lines.append(f"| {r['case']} | {r['decode']} | {r['batch']} | {r['stored_side']} | {r['anchor']:,.0f} | "
                      f"{' / '.join(f'{v:,.0f}' for v in r['per_epoch'])} | {r['after_warmup']:,.0f} | "
                      f"{r['ratio']:.2f} | {' / '.join(str(v) for v in r['first_batch_s'])} |")
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_product_train.md").write_text(table + "\n")
-        (out / "gpu_product_train.json").write_text(json.dumps(results, indent=2))
-
-
-def _config_threads(name: str) -> int:
-    from taxonet.config import load_config
-
-    return load_config(name, []).train.loader_threads
-
+    if out:
+        directory = Path(out)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "gpu_product_train.md").write_text(table + "\n")
+        (directory / "gpu_product_train.json").write_text(json.dumps(results, indent=2))
+    return table
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from taxonet.cli import main
@@ -93,3 +94,17 @@ def test_synth_adds_bycatch_labelled_to_family_only(tmp_path: Path, capsys: pyte
     assert len(chains) == 10 and all(c[2].startswith(f"{c[1]} bycatch ") for c in chains)
     assert main(["data", "synth", str(tmp_path / "bad"), "--outliers-per-family", "-1"]) == 2
     assert "--outliers-per-family must be a non-negative integer" in capsys.readouterr().err
+
+
+def test_prepare_train_size_flag(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dst = tmp_path / "ds"
+    assert main(["prepare", str(image_folder), str(dst), "--taxonomy", "demo", "--train-size", "20", "--workers", "0",
+                 "--no-progress"]) == 0
+    info = DatasetInfo.load(str(dst))
+    assert info.metadata["prepare"]["train_size"] == 20
+    sizes = {(w, h) for uri in info.shard_uris() for w, h in zip(*pq.read_table(uri, columns=["width", "height"])
+                                                                   .to_pydict().values())}
+    assert sizes == {(20, 20)}
+    assert main(["prepare", str(image_folder), str(tmp_path / "bad"), "--taxonomy", "demo", "--train-size", "3",
+                 "--no-progress"]) == 2
+    assert "--train-size must be at least 8 pixels" in capsys.readouterr().err

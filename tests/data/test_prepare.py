@@ -393,3 +393,23 @@ def test_prepare_killed_midway_leaves_no_readable_dataset(image_folder: Path, tm
                              options=PrepareOptions(shard_size=5, **FAST))
     assert result.info.verify()["rows"] == 36
     assert not Path(marker.read_text()).exists()  # the orphan shard of the killed run is gone
+
+
+def test_train_size_stores_every_crop_at_the_input_size(tmp_path: Path, image_bytes: Callable[..., bytes],
+                                                        demo_taxonomy: Taxonomy) -> None:
+    folder = tmp_path / "src" / "Diptera" / "Syrphidae" / "Eristalis tenax"
+    folder.mkdir(parents=True)
+    (folder / "wide.png").write_bytes(image_bytes(size=(300, 150), fmt="PNG"))
+    (folder / "small.jpg").write_bytes(image_bytes(colour=(10, 200, 10), size=(40, 30)))
+    (folder / "exact.jpg").write_bytes(image_bytes(colour=(10, 10, 200), size=(48, 48)))
+    prepare_dataset(str(tmp_path / "src"), str(tmp_path / "ds"), taxonomy=demo_taxonomy,
+                    options=PrepareOptions(train_size=48, max_side=64, val_fraction=0.0, test_fraction=0.0, **FAST))
+    info = DatasetInfo.load(str(tmp_path / "ds"))
+    assert info.metadata["prepare"]["train_size"] == 48
+    rows = pq.read_table(info.shard_uris()[0]).to_pylist()
+    assert len(rows) == 3
+    for row in rows:  # squashed to N x N, as the eval transform does at the input size; small ones upscaled
+        image = Image.open(io.BytesIO(row["image"]))
+        assert image.format == "JPEG" and image.size == (48, 48) == (row["width"], row["height"])
+    with pytest.raises(DatasetError, match="--train-size must be at least 8 pixels"):
+        PrepareOptions(train_size=4)

@@ -1,5 +1,6 @@
 """The GPU benchmark of the product's training path keeps working: its --smoke mode runs the raw-PyTorch anchor and
-`taxonet train` (Ray Train + Ray Data + the product's worker) on the CPU with a tiny model, and prints its table."""
+`taxonet train` (Ray Train + Ray Data + the product's worker) on the CPU with a tiny model, once per decode mode
+(data.decode cpu, and gpu = the device decode code run on the CPU), and prints its table."""
 
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ def test_gpu_product_train_smoke_on_cpu(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=540, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny_cnn 32 px (smoke) |")]
-    assert len(rows) == 1, result.stdout[-3000:]
-    (record,) = json.loads((tmp_path / "gpu_product_train.json").read_text())
-    assert record["anchor"] > 0
-    assert len(record["per_epoch"]) == 2 and all(v > 0 for v in record["per_epoch"])  # one warm-up, one measured
-    assert record["after_warmup"] == pytest.approx(record["per_epoch"][1], abs=0.06)  # per_epoch: 1 decimal
-    assert record["ratio"] == pytest.approx(record["after_warmup"] / record["anchor"])
-    assert (tmp_path / "gpu_product_train.md").read_text().strip().endswith(rows[0].strip())
+    assert [row.split("|")[2].strip() for row in rows] == ["cpu", "gpu"], result.stdout[-3000:]  # both decode modes
+    records = json.loads((tmp_path / "gpu_product_train.json").read_text())
+    assert [r["decode"] for r in records] == ["cpu", "gpu"]
+    for record in records:
+        assert record["anchor"] > 0
+        assert len(record["per_epoch"]) == 2 and all(v > 0 for v in record["per_epoch"])  # one warm-up, one measured
+        assert record["after_warmup"] == pytest.approx(record["per_epoch"][1], abs=0.06)  # per_epoch: 1 decimal
+        assert record["ratio"] == pytest.approx(record["after_warmup"] / record["anchor"])
+    assert (tmp_path / "gpu_product_train.md").read_text().strip().endswith(rows[-1].strip())

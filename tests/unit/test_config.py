@@ -130,3 +130,66 @@ def test_learning_rate_schedules_are_pure_functions_of_the_epoch() -> None:
     assert all(a > b > 0 for a, b in zip(onecycle[3:], onecycle[4:]))
     with pytest.raises(ConfigError, match="onecycle"):
         load_config("demo", {"optim.schedule": "step"})
+
+
+# ---------------------------------------------------------------------------------------------------- scaling keys
+def test_min_workers_defaults_to_a_fixed_size_and_parses() -> None:
+    assert load_config("demo").train.min_workers is None
+    config = load_config("demo", ["train.num_workers=4", "train.min_workers=2"])
+    assert (config.train.min_workers, config.train.num_workers) == (2, 4)
+    assert load_config("demo", ["train.min_workers=null"]).train.min_workers is None
+    assert load_config("demo", ["train.min_workers='1'"]).train.min_workers == 1
+    assert from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.num_workers=2", "train.min_workers=3"], r"train.min_workers must be between 1 and train.num_workers"),
+    (["train.min_workers=0"], r"train.min_workers must be between 1"),
+    (["train.min_workers=two"], r"train.min_workers must be an integer"),
+    (["train.min_workers=1.5"], r"train.min_workers must be an integer"),
+])
+def test_bad_min_workers_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", overrides)
+
+
+def test_resources_per_worker_parse_from_yaml_and_overrides(tmp_path) -> None:
+    assert load_config("demo").train.resources_per_worker == {}
+    config = load_config("demo", ["train.resources_per_worker={node_b: 0.5, 'accelerator_type:H100': 1e-3}"])
+    assert config.train.resources_per_worker == {"node_b": 0.5, "accelerator_type:H100": 0.001}
+    assert from_dict(config.to_dict()) == config
+    path = tmp_path / "r.yaml"
+    path.write_text("train: {resources_per_worker: {node_b: 1}}\n")
+    assert load_config(path).train.resources_per_worker == {"node_b": 1.0}
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("[node_b]", r"must be a mapping of resource name to amount"),
+    ("{CPU: 2}", r"may not set CPU: use train.cpus_per_worker"),
+    ("{GPU: 1}", r"may not set GPU: use train.gpus_per_worker"),
+    ("{node_b: -1}", r"train.resources_per_worker.node_b must be >= 0"),
+    ("{node_b: lots}", r"train.resources_per_worker.node_b must be a number"),
+    ("{node_b: .nan}", r"must be a finite number"),
+])
+def test_bad_resources_per_worker_are_refused(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [f"train.resources_per_worker={value}"])
+
+
+def test_loader_threads_take_a_count_or_auto() -> None:
+    assert load_config("demo").train.loader_threads == 1
+    assert load_config("demo", ["train.loader_threads=auto"]).train.loader_threads == "auto"
+    assert load_config("demo", ["train.loader_threads=6"]).train.loader_threads == 6
+    assert load_config("demo", ["train.loader_threads='6'"]).train.loader_threads == 6
+    for bad, message in (("many", "must be a number >= 1 or auto"), ("0", "must be a number >= 1 or auto"),
+                         ("2.5", "must be an integer"), ("null", "may not be null")):
+        with pytest.raises(ConfigError, match=message):
+            load_config("demo", [f"train.loader_threads={bad}"])
+
+
+def test_decode_modes() -> None:
+    assert load_config("demo").data.decode == "cpu"  # CPU runs unchanged by default
+    for mode in ("cpu", "gpu", "auto"):
+        assert load_config("demo", [f"data.decode={mode}"]).data.decode == mode
+    with pytest.raises(ConfigError, match=r"data.decode must be one of cpu, gpu, auto, got 'nvjpeg'"):
+        load_config("demo", ["data.decode=nvjpeg"])

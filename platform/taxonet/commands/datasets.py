@@ -22,6 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="taxonomy YAML/JSON/CSV (local or s3://) or 'demo'; default: inferred from the labels")
     prepare.add_argument("--max-side", type=int, default=256, metavar="N",
                          help="resize so that the longer side is at most N pixels (default 256)")
+    prepare.add_argument("--train-size", type=int, default=0, metavar="N",
+                         help="store every crop at N x N pixels, the training input size (data.input_size), so that "
+                              "training only decodes (the data path of fast GPUs at 128 px); default: keep the "
+                              "aspect ratio, --max-side")
     prepare.add_argument("--shard-size", type=int, default=1000, metavar="N", help="rows per Parquet shard (1000)")
     prepare.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="validation share (0.1)")
     prepare.add_argument("--test-fraction", type=float, default=0.1, metavar="F", help="test share (0.1)")
@@ -71,7 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _prepare(args: argparse.Namespace) -> int:
     from taxonet.data.prepare import PrepareOptions, load_taxonomy, prepare_dataset
 
-    options = PrepareOptions(max_side=args.max_side, shard_size=args.shard_size, val_fraction=args.val_fraction,
+    options = PrepareOptions(max_side=args.max_side, train_size=args.train_size, shard_size=args.shard_size,
+                             val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction, seed=args.seed, workers=args.workers,
                              overwrite=args.overwrite, progress=not args.no_progress)
     if args.add_reviewed or args.queue:

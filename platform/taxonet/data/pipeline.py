@@ -236,10 +236,9 @@ class Collator:
             logger.warning("skipping a record: %s (%s)%s", message, reason,
                            "; further skips are only counted" if self.skipped == _MAX_WARNINGS else "")
 
-    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch["image"]
-        size = self.spec.input_size
-        n = len(images)
+    def _targets(self, batch: dict[str, Any]) -> tuple[list[int], list[tuple[int, ...] | None]]:
+        """The rows whose labels the taxonomy knows (the others are skipped and counted), and every row's targets."""
+        n = len(batch["image"])
         missing = [rank for rank in self.taxonomy.ranks if rank not in batch]
         if missing:
             raise KeyError(f"batch has no label column(s) {missing}; columns are {sorted(batch)}")
@@ -248,10 +247,15 @@ class Collator:
         for i in range(n):
             labels = tuple(None if is_unspecified(column[i]) else str(column[i]) for column in columns)
             targets.append(self._encode(labels))
-        todo = [i for i in range(n) if targets[i] is not None]
         for i in range(n):
             if targets[i] is None:
                 self._skip("unknown_label", f"labels not in the taxonomy: {[c[i] for c in columns]}")
+        return [i for i in range(n) if targets[i] is not None], targets
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["image"]
+        size = self.spec.input_size
+        todo, targets = self._targets(batch)
         if self.threads > 1 and len(todo) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="taxonet-decode")
@@ -270,3 +274,10 @@ class Collator:
             return (torch.empty((0, 3, size, size), dtype=torch.float32),
                     torch.empty((0, self.taxonomy.depth), dtype=torch.long))
         return torch.stack(tensors), torch.tensor(kept, dtype=torch.long)
+
+
+def resolve_loader_threads(setting: int | str, cpus: float) -> int:
+    """``train.loader_threads``: a number as given, or "auto" = the worker's CPUs rounded down (at least 1)."""
+    if setting == "auto":
+        return max(1, int(cpus))
+    return max(1, int(setting))

@@ -75,6 +75,9 @@ class PrepareOptions:
     """Knobs of ``taxonet prepare`` (defaults suit the paper's 128 px input: stored images keep 2× headroom)."""
 
     max_side: int = 256
+    #: store every crop at exactly N × N pixels, the training input size (squashed and resized bilinear as the eval
+    #: transform does), so that training only decodes; 0 = keep the aspect ratio, longer side ≤ ``max_side``
+    train_size: int = 0
     shard_size: int = 1000
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -91,6 +94,8 @@ class PrepareOptions:
     def __post_init__(self) -> None:
         if self.max_side < 8:
             raise DatasetError(f"--max-side must be at least 8 pixels, got {self.max_side}")
+        if self.train_size != 0 and self.train_size < 8:
+            raise DatasetError(f"--train-size must be at least 8 pixels (or 0 = off), got {self.train_size}")
         if self.shard_size < 1:
             raise DatasetError(f"--shard-size must be positive, got {self.shard_size}")
         for name in ("val_fraction", "test_fraction"):
@@ -421,8 +426,9 @@ def assign_splits(strata: Sequence[str], keys: Sequence[str], given: Sequence[st
 
 # ---------------------------------------------------------------------------------------------------- images
 def process_image(origin: str, data: bytes | None, max_side: int, quality: int,
-                  max_pixels: int) -> ProcessedImage | Skipped:
-    """Read, hash, decode, resize (longer side ≤ ``max_side``) and re-encode one image (runs in a worker).
+                  max_pixels: int, train_size: int = 0) -> ProcessedImage | Skipped:
+    """Read, hash, decode, resize (longer side ≤ ``max_side``, or exactly ``train_size`` × ``train_size`` when that
+    is set) and re-encode one image (runs in a worker).
 
     A file that cannot be used is :class:`Skipped`. Storage failures (wrong credentials, endpoint down) are raised:
     they are not a property of the file and must stop the run.
@@ -440,11 +446,14 @@ def process_image(origin: str, data: bytes | None, max_side: int, quality: int,
         return Skipped(origin, "empty", "zero-byte file")
     sha = hashlib.sha256(data).hexdigest()
     try:
-        image = decode_image(data, max_pixels=max_pixels, draft_size=max_side)
+        image = decode_image(data, max_pixels=max_pixels, draft_size=train_size or max_side)
     except ImageDecodeError as exc:
         return Skipped(origin, exc.code, exc.message)
     width, height = image.size
-    if max(width, height) > max_side:
+    if train_size:  # what the eval transform does at the input size (transforms.build_eval_resize), done once
+        if image.size != (train_size, train_size):
+            image = image.resize((train_size, train_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    elif max(width, height) > max_side:
         scale = max_side / max(width, height)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
@@ -483,7 +492,8 @@ def _ordered_results(chunks: Iterable[list[tuple]], workers: int) -> Iterator[li
 
 def _chunks(items: Sequence[SourceItem], options: PrepareOptions) -> Iterator[list[tuple]]:
     for start in range(0, len(items), _CHUNK):
-        yield [(item.origin, item.data, options.max_side, options.jpeg_quality, options.max_pixels)
+        yield [(item.origin, item.data, options.max_side, options.jpeg_quality, options.max_pixels,
+                options.train_size)
                for item in items[start:start + _CHUNK]]
 
 
@@ -586,7 +596,8 @@ def build_dataset(items: Sequence[SourceItem], dst: str, taxonomy: Taxonomy, opt
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "taxonet_version": __version__,
         "source": source_description,
-        "prepare": {"max_side": options.max_side, "jpeg_quality": options.jpeg_quality,
+        "prepare": {"max_side": options.max_side, "train_size": options.train_size,
+                    "jpeg_quality": options.jpeg_quality,
                     "shard_size": options.shard_size, "val_fraction": options.val_fraction,
                     "test_fraction": options.test_fraction, "seed": options.seed, "run_id": run_id},
         **(extra_metadata or {}),

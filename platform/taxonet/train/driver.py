@@ -35,7 +35,7 @@ from taxonet import registry, storage
 from taxonet.checkpoint import materialize, publish_checkpoint, require_compatible
 from taxonet.config import RunConfig
 from taxonet.data.dataset import DatasetInfo
-from taxonet.data.pipeline import Collator, iter_parquet_batches
+from taxonet.data.pipeline import Collator, iter_parquet_batches, resolve_loader_threads
 from taxonet.data.ray_splits import load_split, read_split
 from taxonet.data.transforms import TransformSpec
 from taxonet.devices import resolve_device
@@ -87,14 +87,10 @@ def run_training(config: RunConfig) -> TrainingResult:
             # run even when the training workers hold every CPU of a node.
             datasets[name] = read_split(config.data.dataset, split, num_cpus=0.25)
     run_uri = storage.join(config.train.storage, config.train.run_name)
-    resources = {"CPU": config.train.cpus_per_worker}
-    if config.train.use_gpu:
-        resources["GPU"] = config.train.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config, "taxonomy": info.taxonomy},
-        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=scaling_config(config),
         run_config=RayRunConfig(
             name=config.train.run_name,
             storage_path=storage_path,
@@ -134,6 +130,20 @@ def run_training(config: RunConfig) -> TrainingResult:
                           resumed_from_epoch=start_epoch if start_epoch > 0 else None, published=published)
 
 
+def scaling_config(config: RunConfig) -> ScalingConfig:
+    """Ray Train's ScalingConfig of a run: ``train.num_workers`` workers, or elastic between ``train.min_workers``
+    and ``num_workers``; each with ``cpus_per_worker`` CPUs, ``gpus_per_worker`` GPUs (when ``use_gpu``) and the
+    extra ``train.resources_per_worker`` (custom node resources)."""
+    train = config.train
+    resources = {"CPU": train.cpus_per_worker, **train.resources_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    minimum = train.num_workers if train.min_workers is None else train.min_workers
+    workers: int | tuple[int, int] = train.num_workers if minimum == train.num_workers else (minimum,
+                                                                                              train.num_workers)
+    return ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources)
+
+
 def publish_best(config: RunConfig, source_uri: str, best_uri: str, history: list[Metrics]) -> int:
     """Complete the best epoch's checkpoint (:func:`taxonet.train.loop.complete_checkpoint`: thresholds fitted on the
     training split, the run's history) and publish it to ``best_uri``; returns the number of thresholds.
@@ -144,7 +154,7 @@ def publish_best(config: RunConfig, source_uri: str, best_uri: str, history: lis
     device = resolve_device("cuda" if config.train.use_gpu and torch.cuda.is_available() else "cpu")
     info = DatasetInfo.load(config.data.dataset)
     collate = Collator(info.taxonomy, TransformSpec.from_config(config.data), train=False,
-                       threads=config.train.loader_threads)
+                       threads=resolve_loader_threads(config.train.loader_threads, config.train.cpus_per_worker))
     raw = iter_parquet_batches(config.data.dataset, config.data.train_split, max(config.optim.batch_size, 64),
                                shuffle=False)
     with tempfile.TemporaryDirectory(prefix="taxonet-best-") as tmp:
@@ -203,4 +213,4 @@ def _history(result: ray.train.Result, storage_uri: str) -> list[Metrics]:
     return TrainState.load(checkpoint_uri(result.checkpoint, storage_uri)).history
 
 
-__all__ = ["TrainingResult", "publish_best", "run_training"]
+__all__ = ["TrainingResult", "publish_best", "run_training", "scaling_config"]

@@ -15,13 +15,16 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import ray
 import ray.train
+import torch
 from ray.train import Checkpoint
 from ray.train.torch import get_device, prepare_model
 
 from taxonet import storage
 from taxonet.config import RunConfig
-from taxonet.data.pipeline import Collator
+from taxonet.data.device_decode import DeviceCollator, background
+from taxonet.data.pipeline import Collator, resolve_loader_threads
 from taxonet.data.transforms import TransformSpec
 from taxonet.taxonomy import Taxonomy
 from taxonet.train.loop import Batch, EpochCheckpoint, Metrics, epoch_summary, fit, resume_state
@@ -30,13 +33,27 @@ log = logging.getLogger(__name__)
 
 
 class ShardData:
-    """This worker's shards of the train and val splits, decoded per batch (the loop's :class:`EpochData`)."""
+    """This worker's shards of the train and val splits, decoded per batch (the loop's :class:`EpochData`).
 
-    def __init__(self, config: RunConfig, taxonomy: Taxonomy) -> None:
+    ``data.decode`` picks the decoder: the CPU :class:`Collator` (PIL, ``train.loader_threads`` threads; "auto" = the
+    CPUs Ray gave this worker) or the :class:`DeviceCollator` (one nvjpeg call per batch, resize and augmentation on
+    ``device``). On a CUDA device, reading and decoding run one thread ahead of the training step (``background``);
+    on a CPU they stay in the training thread, so CPU runs keep their seeded results.
+    """
+
+    def __init__(self, config: RunConfig, taxonomy: Taxonomy, device: torch.device, rank: int = 0) -> None:
         spec = TransformSpec.from_config(config.data)
-        threads = config.train.loader_threads
-        self.train_collate = Collator(taxonomy, spec, train=config.data.augment, threads=threads)
-        self.eval_collate = Collator(taxonomy, spec, train=False, threads=threads)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", config.train.cpus_per_worker)  # Ray
+        threads = resolve_loader_threads(config.train.loader_threads, cpus)
+        self.device = device
+        if decode_on_device(config.data.decode, device):
+            seed = config.train.seed * 1000 + rank
+            self.train_collate: Collator = DeviceCollator(taxonomy, spec, train=config.data.augment, device=device,
+                                                          seed=seed)
+            self.eval_collate: Collator = DeviceCollator(taxonomy, spec, train=False, device=device, seed=seed)
+        else:
+            self.train_collate = Collator(taxonomy, spec, train=config.data.augment, threads=threads)
+            self.eval_collate = Collator(taxonomy, spec, train=False, threads=threads)
         # per worker: the global batch scales with the number of workers
         self.batch_size = config.optim.batch_size
         self.seed = config.train.seed
@@ -52,10 +69,20 @@ class ShardData:
         return self.train_collate.skipped + self.eval_collate.skipped
 
     def _batches(self, name: str, collate: Collator, **shuffle: int) -> Iterator[Batch]:
+        batches = self._decoded(name, collate, **shuffle)
+        return background(batches, self.device) if self.device.type == "cuda" else batches
+
+    def _decoded(self, name: str, collate: Collator, **shuffle: int) -> Iterator[Batch]:
         shard = ray.train.get_dataset_shard(name)  # Ray
         for raw in shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2,
                                       **shuffle):
             yield collate(raw)
+
+
+def decode_on_device(mode: str, device: torch.device) -> bool:
+    """``data.decode``: "gpu" always uses the device path (on a CPU device too: the same code, as the tests run it),
+    "auto" when the worker has a CUDA device, "cpu" never."""
+    return mode == "gpu" or (mode == "auto" and device.type == "cuda")
 
 
 class ReportToRayTrain:
@@ -100,5 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         resume = resume_state(checkpoint_uri(checkpoint, config.train.storage), config, taxonomy)
         if rank == 0:
             log.info("resuming from epoch %d (best val_loss %.4f)", resume.epoch + 1, resume.best_loss)
-    fit(config, taxonomy, ShardData(config, taxonomy), ReportToRayTrain(rank, taxonomy, config.optim.epochs),
-        device=get_device(), resume=resume, seed_offset=rank, prepare_model=prepare_model)  # Ray: DDP placement
+    device = get_device()  # Ray
+    fit(config, taxonomy, ShardData(config, taxonomy, device, rank),
+        ReportToRayTrain(rank, taxonomy, config.optim.epochs), device=device, resume=resume, seed_offset=rank,
+        prepare_model=prepare_model)  # Ray: DDP placement
