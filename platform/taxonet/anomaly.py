@@ -22,17 +22,14 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from scipy import optimize, special, stats
 
 from taxonet.config import CHAIN_RULES, DEFAULT_CHAIN_RULE
 from taxonet.errors import CheckpointError
-from taxonet.taxonomy import UNSPECIFIED
-
-if TYPE_CHECKING:
-    from taxonet.taxonomy import Taxonomy
+from taxonet.taxonomy import UNSPECIFIED, Taxonomy
 
 CSV_COLUMNS = ("rank", "class_index", "class_name", "mean", "std", "threshold", "count")
 _K_LINE = re.compile(r"^#.*\bk\s*=\s*([^\s,;]+)")

@@ -40,7 +40,11 @@ from typing import Any
 import torch
 
 from taxonet import storage
+from taxonet.anomaly import AnomalyThresholds
+from taxonet.config import from_dict
+from taxonet.data.transforms import TransformSpec
 from taxonet.errors import CheckpointError
+from taxonet.models import HierarchicalClassifier, build_backbone
 from taxonet.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -435,11 +439,6 @@ def load_checkpoint(uri: str | Path, device: str | torch.device = "cpu", *, load
     file hashed, no unlisted file): what serving a registry version needs. ``cache_dir`` is accepted for old
     callers and unused.
     """
-    from taxonet.anomaly import AnomalyThresholds
-    from taxonet.config import from_dict
-    from taxonet.data.transforms import TransformSpec
-    from taxonet.models import HierarchicalClassifier, build_backbone
-
     del cache_dir  # files are streamed into memory now: no download directory to leak
     text = str(uri)
     if storage.is_local(text) and not storage.local_path(text).is_dir():
