@@ -56,7 +56,7 @@ def trained(tmp_path_factory):
     taxonomy = behaviour_taxonomy()
     config = load_config("demo", {"data.input_size": SIZE, "optim.epochs": EPOCHS, "model.backbone": "small_cnn",
                                   "optim.lr": 3e-3, "optim.schedule": "cosine", "train.seed": 0,
-                                  "loss.outlier_weight": OUTLIER_WEIGHT})
+                                  "loss.outlier_weight": OUTLIER_WEIGHT, "loss.dependency": "paper"})
     transform = build_eval_transform(TransformSpec.from_config(config.data))
     generator = SyntheticInsects(taxonomy, image_size=SIZE, seed=0)
     known_images, known_targets = samples_to_tensors(generator.samples(PER_SPECIES), taxonomy, transform)
