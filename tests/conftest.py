@@ -5,12 +5,12 @@ Everything stays on loopback (ENVIRONMENT.md): Ray is told to use 127.0.0.1 and 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
 from collections.abc import Iterator
-
-import logging
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +99,11 @@ def ray_local(s3_server: str) -> Iterator[None]:
         except Exception:
             pass
         ray.shutdown()
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def models(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A model registry root (taxonet.registry): a local directory, or a prefix in a fresh bucket on the moto server."""
+    if request.param == "local":
+        return str(tmp_path / "models")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/models"

@@ -27,14 +27,6 @@ pytestmark = [pytest.mark.data, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
-def models(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A registry root: a local directory, or a prefix in a fresh bucket on the moto server."""
-    if request.param == "local":
-        return str(tmp_path / "models")
-    return f"s3://{request.getfixturevalue('s3_bucket')}/models"
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")

@@ -20,13 +20,6 @@ from tests.checkpoint_support import DAMAGES, damage_version, tiny_checkpoint
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(300)]
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
-def models(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "models")
-    return f"s3://{request.getfixturevalue('s3_bucket')}/models"
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("follow")
