@@ -47,11 +47,12 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return quick_checkpoint(tmp_path_factory.mktemp("embed-ckpt"), image_size=40, epochs=8, backbone="small_cnn")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def queued_app(serve_http: str, model: Path, s3_bucket: str) -> Iterator[tuple[str, str]]:
     """The app with the review queue on (every answer queued); yields (its base URL, the queue's URI)."""
     queue = f"s3://{s3_bucket}/review/queue"
-    deploy({"checkpoint": str(model), "ingress": SMALL, "classifier": {**SMALL, "access_log": False},
+    deploy({"checkpoint": str(model), "max_batch_size": 8, "ingress": SMALL,
+            "classifier": {**SMALL, "access_log": False},
             "review_queue": {"uri": queue, "audit_rate": 1.0, "batch_size": 16, "flush_interval_s": 1.0}},
            name=APP, route_prefix=PREFIX)
     try:
@@ -108,6 +109,9 @@ def test_served_crops_carry_embeddings_and_look_alikes_are_grouped(queued_app: t
     # the review API over the queue serving wrote: the look-alikes come as one group, the other insect alone
     with serving(queue, str(tmp_path / "labels")) as review:
         ana = session("ana")
+        shown = ana.get(f"{review}/api/next", params={"limit": 12}).json()["crops"]  # as the page starts
+        look_alikes = {crop["crop_id"]: set(crop["similar"]) for crop in shown}
+        assert look_alikes[ids[0]] == set(ids[1:]) and look_alikes[other_id] == set(), look_alikes
         group = ana.get(f"{review}/api/crops/{ids[0]}/similar").json()["crops"]
         assert {crop["crop_id"] for crop in group} == set(ids), [(c["crop_id"], c.get("cosine")) for c in group]
         assert all(crop["cosine"] >= 0.9 for crop in group[1:])
