@@ -313,6 +313,14 @@ def test_chart_page_needs_the_token_like_the_api(helm: HelmRenderer) -> None:
     assert named(made, "Secret", "taxonet-api-token") is not None
 
 
+def test_chart_notes_say_how_to_reach_the_page(helm: HelmRenderer) -> None:
+    notes = "".join(t for name, t in helm.template().items() if name.endswith("NOTES.txt"))
+    if notes:  # the helm binary's `template` does not render NOTES.txt
+        assert "port-forward svc/taxonet-review 8300:8300" in notes and "s3://taxonet/review/queue" in notes
+    off = "".join(t for name, t in helm.template({"review": {"enabled": False}}).items() if name.endswith("NOTES.txt"))
+    assert "taxonet-review" not in off and "review/queue" not in off
+
+
 BAD_REVIEW_VALUES = {
     "two review servers (leases in memory)": ({"review": {"page": {"replicas": 2}}}, "replicas"),
     "labels on GCS": ({"review": {"labels": "gs://b/labels"}}, "labels"),
