@@ -270,6 +270,24 @@ def test_the_curves_come_from_the_history_in_the_checkpoint(setup: dict, tmp_pat
     assert "no curves" in files["report"].read_text(encoding="utf-8")
 
 
+def test_evaluate_verb_takes_the_chain_rule(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`taxonet evaluate --chain-rule lenient` decides under that rule (the report and metrics.json say so); without
+    the flag, the rule stored with the checkpoint's thresholds (strict) applies; an unknown rule is refused."""
+    from taxonet.cli import main
+
+    stored = load_checkpoint(setup["checkpoint"]).thresholds.chain_rule
+    assert stored == "strict"
+    for flag, expected in (([], "strict"), (["--chain-rule", "lenient"], "lenient")):
+        out = tmp_path / f"report-{expected}"
+        assert main(["evaluate", setup["checkpoint"], setup["known"], "--device", "cpu", "--out", str(out),
+                     *flag]) == 0
+        assert f"chain rule {expected}" in capsys.readouterr().out
+        assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["chain_rule"] == expected
+    with pytest.raises(SystemExit):
+        main(["evaluate", setup["checkpoint"], setup["known"], "--chain-rule", "loose"])
+    assert "invalid choice: 'loose'" in capsys.readouterr().err
+
+
 def test_bad_inputs_are_refused_with_clear_errors(setup: dict) -> None:
     with pytest.raises(DatasetError, match="no split 'validation'.*splits are \\['test'\\]"):
         run_evaluation(setup["checkpoint"], setup["known"], split="validation", device="cpu")

@@ -4,6 +4,7 @@ per-request pixel budget."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from collections.abc import Generator
 from pathlib import Path
@@ -84,6 +85,45 @@ def test_pixel_budget_bounds_the_pixels_decoded_at_once() -> None:
         return peak
 
     assert asyncio.run(scenario()) <= 100
+
+
+def test_pixel_budget_serves_first_come_first_served() -> None:
+    """A large image that asked first is decoded before small ones that asked later, although they would fit
+    earlier; a waiter cancelled (client gone) gives up its place and the ones behind it move on."""
+    async def scenario() -> list[str]:
+        budget = PixelBudget(100)
+        order: list[str] = []
+        release_first = asyncio.Event()
+
+        async def decode(name: str, pixels: int, until: asyncio.Event | None = None) -> None:
+            async with budget.hold(pixels):
+                order.append(name)
+                if until is not None:
+                    await until.wait()
+                else:
+                    await asyncio.sleep(0)
+
+        first = asyncio.create_task(decode("first-60", 60, release_first))
+        await asyncio.sleep(0)
+        large = asyncio.create_task(decode("large-100", 100))
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(decode("cancelled-90", 90))
+        await asyncio.sleep(0)
+        smalls = [asyncio.create_task(decode(f"small-{i}", 10)) for i in range(3)]  # 40 free: they would fit
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert order == ["first-60"], "images that asked later must not overtake a waiting one"
+        gone.cancel()  # its client went away while it waited
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+        release_first.set()
+        await asyncio.gather(large, *smalls)
+        assert budget.free == 100 and not budget._waiting
+        return order
+
+    order = asyncio.run(scenario())
+    assert order[:2] == ["first-60", "large-100"]
+    assert order[2:] == ["small-0", "small-1", "small-2"]
 
 
 def _blank(width: int, height: int) -> bytes:

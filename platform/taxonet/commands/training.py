@@ -7,6 +7,8 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from taxonet.config import CHAIN_RULES  # light: no torch, no ray
+
 if TYPE_CHECKING:
     from taxonet.config import RunConfig
 
@@ -43,6 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", default=None, help="report directory (default: <checkpoint>-report, local)")
     evaluate.add_argument("--device", default=argparse.SUPPRESS, help="auto (default), cpu, cuda, cuda:N")
     evaluate.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="images per forward pass")
+    evaluate.add_argument("--chain-rule", choices=CHAIN_RULES, default=argparse.SUPPRESS,
+                          help="rule for a predicted chain that breaks the taxonomy: strict (the authors': the "
+                               "whole answer is unsure) or lenient (taxonet's variant: the ranks above the break "
+                               "stay); default: the rule stored with the checkpoint's thresholds (anomaly.chain_rule)")
     evaluate.set_defaults(handler=_evaluate)
 
     experiment = subparsers.add_parser("experiment", help="N seeds of the MTL model and its single-task baseline")
@@ -80,7 +86,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from taxonet.evaluate.render import write_report
     from taxonet.evaluate.run import run_evaluation
 
-    given = {name: getattr(args, name) for name in ("split", "device", "batch_size") if hasattr(args, name)}
+    given = {name: getattr(args, name) for name in ("split", "device", "batch_size", "chain_rule")
+             if hasattr(args, name)}
     report = run_evaluation(args.checkpoint, args.dataset, unseen_uri=args.unseen, **given)
     out = args.out or (args.checkpoint.rstrip("/").rsplit("/", 1)[-1] + "-report"
                        if args.checkpoint.startswith("s3://") else args.checkpoint.rstrip("/") + "-report")

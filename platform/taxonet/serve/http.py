@@ -14,6 +14,7 @@ deployment (:mod:`taxonet.serve.app`) only wires it together, and each piece is 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import time
@@ -298,25 +299,52 @@ class Admission:
 
 class PixelBudget:
     """A weighted semaphore over pixels: the images being decoded at once in a replica sum to at most ``capacity``
-    (an image is refused before this if it alone is over ``max_image_pixels`` ≤ ``capacity``)."""
+    (an image is refused before this if it alone is over ``max_image_pixels`` ≤ ``capacity``).
+
+    First come, first served: an image waits behind every image that asked before it, even when it would fit now,
+    so a stream of small images cannot starve a large one (the large one's wait is bounded by the pixels ahead of
+    it, not by luck)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.free = capacity
-        self._changed = asyncio.Condition()
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     @contextlib.asynccontextmanager
     async def hold(self, pixels: int) -> AsyncIterator[None]:
         pixels = min(max(1, pixels), self.capacity)
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.free >= pixels)
+        if self._waiting or self.free < pixels:
+            granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (pixels, granted)
+            self._waiting.append(entry)
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._release(pixels)  # granted just as the waiter was cancelled: give the pixels back
+                else:
+                    self._waiting.remove(entry)
+                    self._grant()  # those behind it may fit now
+                raise
+        else:
             self.free -= pixels
         try:
             yield
         finally:
-            async with self._changed:
-                self.free += pixels
-                self._changed.notify_all()
+            self._release(pixels)
+
+    def _release(self, pixels: int) -> None:
+        self.free += pixels
+        self._grant()
+
+    def _grant(self) -> None:
+        """Wake waiters from the front for as long as the first one fits."""
+        while self._waiting and self._waiting[0][0] <= self.free:
+            pixels, granted = self._waiting.popleft()
+            if granted.done():
+                continue
+            self.free -= pixels
+            granted.set_result(None)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
