@@ -106,10 +106,10 @@ def serve_config_for(variant: str, packaged: dict[str, Any], review: bool = True
         rest = {k: v for k, v in app.get("args", {}).items() if k not in ("checkpoint", "model", "model_poll_s")}
         args = app["args"] = {"model": model_reference(GPU_RUN_NAME if variant == "gpu" else DEV_RUN_NAME),
                               "model_poll_s": MODEL_POLL_S, **rest}
-        args.pop("review_queue", None)
+        queue = args.pop("review_queue", None) or {}
         if review:
-            # only the URI: audit share, memory bounds and batch sizes keep ReviewQueueArgs' defaults
-            args["review_queue"] = {"uri": REVIEW_QUEUE_URI}
+            # on S3 beside the models; the other settings as packaged, else ReviewQueueArgs' defaults
+            args["review_queue"] = {**queue, "uri": REVIEW_QUEUE_URI}
         ingress = _deployment(app, INGRESS_DEPLOYMENT)
         ingress.setdefault("ray_actor_options", {})["resources"] = {INGRESS_RESOURCE: 1}
         if variant == "cpu":
