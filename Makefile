@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # System tools the tests use: Debian's `prometheus` package (the Prometheus server for the metrics end-to-end test,
-# promtool for the alert-rule tests in tests/k8s; needs root) and `chromium` + `chromium-driver` (the review page's
-# browser test and docs screenshots drive Debian's Chromium through Selenium; nothing is downloaded). kubectl
+# promtool for the alert-rule tests in tests/k8s; needs root), `chromium` + `chromium-driver` (the review page's
+# browser test and docs screenshots drive Debian's Chromium through Selenium) and `firefox-esr` (the same story in
+# Firefox, over the WebDriver BiDi protocol Firefox speaks itself; no geckodriver). Nothing is downloaded. kubectl
 # (kustomize) ships with the machine image; it is only checked here, since Debian's kubernetes-client is too old for
 # the overlays.
 system-deps:
@@ -32,6 +33,11 @@ system-deps:
 	      >/dev/null; \
 	  else echo "chromium/chromedriver not installed: sudo apt-get install chromium chromium-driver (tests need them)"; \
 	    exit 1; fi; \
+	fi
+	@if ! command -v firefox-esr >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends firefox-esr >/dev/null; \
+	  else echo "firefox-esr not installed: sudo apt-get install firefox-esr (tests need it)"; exit 1; fi; \
 	fi
 	@command -v kubectl >/dev/null 2>&1 || { echo "kubectl not found: tests/k8s render k8s/ with kubectl kustomize"; exit 1; }
 

@@ -26,6 +26,7 @@ from taxonet.review.leases import Leases
 from taxonet.review.records import QueueItem
 from taxonet.review.store import ReviewStore
 from taxonet.taxonomy import Taxonomy
+from tests.review.firefox_bidi import Firefox
 
 TAXONOMY = Taxonomy.demo()
 TOKEN = "review-test-token"
@@ -131,3 +132,14 @@ def log_in(driver: webdriver.Chrome, url: str, name: str, token: str = TOKEN) ->
     driver.find_element(By.ID, "login-token").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
     WebDriverWait(driver, 60).until(ec.visibility_of_element_located((By.ID, "review")))
+
+
+def log_in_firefox(browser: Firefox, url: str, name: str, token: str = TOKEN, wait_s: float = 90) -> None:
+    """The login of ``log_in`` in Firefox (tests/review/firefox_bidi.py): real clicks and key presses."""
+    browser.navigate(url + "/")
+    browser.wait_for("!document.getElementById('login').hidden", "the login form never showed", wait_s)
+    browser.click("#login-name")
+    browser.keys(name)
+    browser.click("#login-token")
+    browser.keys(token, "Enter")
+    browser.wait_for("!document.getElementById('review').hidden", "the review page never showed", wait_s)
