@@ -8,10 +8,13 @@ them to).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -92,3 +95,49 @@ def marked_processes(env_name: str, mark: str) -> dict[int, str]:
         except OSError:
             continue
     return found
+
+
+def _parent_and_start(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a live process, None when it is gone or a zombie."""
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else (int(fields[1]), int(fields[19]))
+
+
+def process_tree(roots: Iterable[int]) -> dict[int, int]:
+    """``roots`` and all their live descendants: pid → start time (to tell a reused pid from the same process).
+
+    Ray renames some processes (``ray::DashboardAgent``) in a way that can overwrite the environment /proc shows,
+    so a mark in the environment does not find every process; its parent (the raylet) does, while it lives."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (info := _parent_and_start(int(entry.name))) is not None:
+            table[int(entry.name)] = info
+    tree = {pid: table[pid][1] for pid in roots if pid in table}
+    grew = True
+    while grew:
+        grew = False
+        for pid, (parent, start) in table.items():
+            if parent in tree and pid not in tree:
+                tree[pid] = start
+                grew = True
+    return tree
+
+
+def end_processes(tree: dict[int, int], grace_s: float = 30.0) -> list[int]:
+    """SIGTERM the processes of ``tree`` (pid → start time), SIGKILL those left after ``grace_s``; returns the
+    pids still alive after that (none, normally). A pid whose start time changed is another process: left alone."""
+    def alive() -> list[int]:
+        return [pid for pid, start in tree.items() if (info := _parent_and_start(pid)) is not None
+                and info[1] == start]
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return alive()
