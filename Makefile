@@ -45,14 +45,18 @@ system-deps:
 demo: setup
 	$(VENV)/bin/taxonet demo
 
-# Three pytest processes: tests/e2e starts its own `ray start --head` cluster (and `ray stop` it), which
-# must not meet the in-process Ray that the other tests share; tests/integration (Ray Train, experiments) gets a
-# fresh driver because, after the data tests' Ray Data reads, a task the same driver submitted later was three times
-# never scheduled (Ray 2.60; docs/training.md), while the same tests pass in a process of their own.
+# Three pytest processes: tests/e2e starts its own `ray start --head` cluster (and ends it by the mark its
+# processes carry), which must not meet the in-process Ray that the other tests share; tests/integration (Ray Train,
+# experiments) gets a fresh driver because, after the data tests' Ray Data reads, a task the same driver submitted
+# later was three times never scheduled (Ray 2.60; docs/training.md), while the same tests pass in a process of their
+# own.
+# All three run even when one fails (so one red run reports everything); the target fails if any did.
 test: setup system-deps
-	$(PY) -m pytest --ignore=tests/e2e --ignore=tests/integration $(PYTEST_ARGS)
-	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
-	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+	status=0; \
+	$(PY) -m pytest --ignore=tests/e2e --ignore=tests/integration $(PYTEST_ARGS) || status=1; \
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS) || status=1; \
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS) || status=1; \
+	exit $$status
 
 test-fast: setup
 	$(PY) -m pytest -m "unit or data" $(PYTEST_ARGS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from taxonet.review.leases import Leases
 from taxonet.review.records import QueueItem
 from taxonet.review.store import ReviewStore
 from taxonet.taxonomy import Taxonomy
+from tests.net_support import free_port
 from tests.review.firefox_bidi import Firefox
 
 TAXONOMY = Taxonomy.demo()
@@ -66,12 +66,6 @@ def item(crop_id: str, species: str, reliable_to: str | None, *, source: str | N
                      answer=json.dumps(answer(chain, reliable_to, confidence, alternatives)), model="demo",
                      model_version="3", lowest_reliable_rank=reliable_to, source=source, queued_at=queued_at,
                      embedding=tuple(embedding))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
