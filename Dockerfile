@@ -59,7 +59,8 @@ COPY --chown=1000:100 platform ./platform
 # checks fail the build when a pin did not hold or an entry point of the pods does not import.
 RUN pip install --no-cache-dir --no-deps . \
     && cd /home/ray && rm -rf /home/ray/taxonet-src \
-    && python -c "import ray, ray.serve, ray.train, taxonet.cli, torch, torchvision, pyarrow, numpy; \
+    && python -c "import ray, ray.serve, ray.train, taxonet.cli, taxonet.review.app, uvicorn, torch, torchvision, \
+pyarrow, numpy; \
 versions = {'ray': (ray.__version__, '${RAY_VERSION}'), 'torch': (torch.__version__, '${TORCH_VERSION}'), \
 'torchvision': (torchvision.__version__, '${TORCHVISION_VERSION}'), 'pyarrow': (pyarrow.__version__, \
 '${PYARROW_VERSION}'), 'numpy': (numpy.__version__, '${NUMPY_VERSION}')}; \

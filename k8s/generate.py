@@ -10,6 +10,10 @@ Sources of truth:
 - the alerting and recording rules built below become ``k8s/base/prometheusrule.yaml`` (defaults),
   the cpu-dev overlay's patch (laptop thresholds) and the chart's ``templates/prometheusrule.yaml`` (thresholds
   from values); docs/metrics.md has a runbook entry for every alert.
+- the review loop (issue 17): both Serve configs queue unsure crops to ``REVIEW_QUEUE_URI`` (``review_queue:`` of the
+  Serve args; the other ReviewQueueArgs fields keep the package's defaults), and ``*-no-review.yaml`` beside each is
+  the same config without the queue, which ``k8s/components/no-review`` swaps in (with ``rule-patch.yaml``, which
+  drops the alert's link to the page it removes).
 - the dashboard built below becomes ``k8s/base/dashboards/taxonet.json`` and ``helm/taxonet/dashboards/taxonet.json``.
 
 Run ``python k8s/generate.py`` after changing serve.yaml or this file; ``--check`` (used by the tests) only reports
@@ -44,6 +48,12 @@ MODELS_URI = "s3://taxonet/models"
 SERVE_ALIAS = "production"
 #: seconds between two reads of the alias by each classifier replica
 MODEL_POLL_S = 30
+#: the review loop on the same S3 as the models: serving queues unsure crops to REVIEW_QUEUE_URI, the review page
+#: (k8s/base/review.yaml) appends the experts' decisions to REVIEW_LABELS_URI
+REVIEW_QUEUE_URI = "s3://taxonet/review/queue"
+REVIEW_LABELS_URI = "s3://taxonet/review/labels"
+#: the review page as `kubectl port-forward svc/taxonet-review 8300:8300` shows it: the unsure alert's default link
+REVIEW_PAGE_URL = "http://127.0.0.1:8300/"
 
 #: deployment names defined by taxonet.serve.app; the Serve config tunes them by name
 INGRESS_DEPLOYMENT = "TaxonetIngress"
@@ -81,11 +91,12 @@ def _deployment(app: dict[str, Any], name: str) -> dict[str, Any]:
     return next(d for d in app["deployments"] if d["name"] == name)
 
 
-def serve_config_for(variant: str, packaged: dict[str, Any]) -> dict[str, Any]:
+def serve_config_for(variant: str, packaged: dict[str, Any], review: bool = True) -> dict[str, Any]:
     """The Serve config for one deployment variant: ``gpu`` (GPU pools) or ``cpu`` (no GPUs, laptop-sized).
 
     Both follow a registry alias instead of the packaged checkpoint and pin TaxonetIngress to the worker group
-    that offers ``taxonet_ingress``; everything else in ``gpu`` is as packaged.
+    that offers ``taxonet_ingress``; with ``review`` the ingress queues unsure crops to ``REVIEW_QUEUE_URI``;
+    everything else in ``gpu`` is as packaged.
     """
     if variant not in ("gpu", "cpu"):
         raise ValueError(f"unknown variant {variant!r}; expected 'gpu' or 'cpu'")
@@ -95,6 +106,10 @@ def serve_config_for(variant: str, packaged: dict[str, Any]) -> dict[str, Any]:
         rest = {k: v for k, v in app.get("args", {}).items() if k not in ("checkpoint", "model", "model_poll_s")}
         args = app["args"] = {"model": model_reference(GPU_RUN_NAME if variant == "gpu" else DEV_RUN_NAME),
                               "model_poll_s": MODEL_POLL_S, **rest}
+        queue = args.pop("review_queue", None) or {}
+        if review:
+            # on S3 beside the models; the other settings as packaged, else ReviewQueueArgs' defaults
+            args["review_queue"] = {**queue, "uri": REVIEW_QUEUE_URI}
         ingress = _deployment(app, INGRESS_DEPLOYMENT)
         ingress.setdefault("ray_actor_options", {})["resources"] = {INGRESS_RESOURCE: 1}
         if variant == "cpu":
@@ -112,9 +127,10 @@ def serve_config_for(variant: str, packaged: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def render_serve_config(variant: str, packaged: dict[str, Any]) -> str:
-    body = yaml.safe_dump(serve_config_for(variant, packaged), sort_keys=False, default_flow_style=False, width=120)
-    return HEADER.format(variant=variant) + body
+def render_serve_config(variant: str, packaged: dict[str, Any], review: bool = True) -> str:
+    body = yaml.safe_dump(serve_config_for(variant, packaged, review), sort_keys=False, default_flow_style=False,
+                          width=120)
+    return HEADER.format(variant=variant if review else f"{variant}, no review queue") + body
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,6 +149,8 @@ MODEL_LOAD_FAILURES_METRIC = "ray_taxonet_model_load_failures_total"
 MODEL_INFO_METRIC = "ray_taxonet_model_info"
 BY = "namespace, ray_io_cluster"
 CLASSIFY = 'route="/v1/classify"'
+#: the alert that links the review page (annotation review_url)
+UNSURE_ALERT = "TaxonetUnsureRateRising"
 
 
 @dataclass(frozen=True)
@@ -157,14 +175,21 @@ class AlertSettings:
     unsure_min_rate: float = 0.01
     #: ... for this long
     unsure_for: str = "30m"
-    #: review page (issue 17's review loop) linked from the unsure alert; "" leaves the annotation out
-    review_url: str = ""
+    #: review page (issue 17's review loop) linked from the unsure alert, opened on the crops unsure at the alert's
+    #: rank (review_link); "" leaves the annotation out
+    review_url: str = REVIEW_PAGE_URL
 
 
 #: laptop thresholds of the cpu-dev overlay: CPU inference is slow, and the "no model" alert fires soon enough to
 #: be seen before the demo training run has promoted its first version
 DEV_ALERTS = AlertSettings(latency_p99_seconds=5.0, no_model_for="2m", slo_for="5m")
 RUNBOOK = "docs/metrics.md, section Alert runbooks: {alert}"
+
+
+def review_link(url: str) -> str:
+    """The alert's review_url annotation: the page opened on the crops unsure at the alert's rank (the page reads
+    ``?unsure_at=RANK``); Prometheus fills in the rank when the alert fires."""
+    return f"{url}{'&' if '?' in url else '?'}unsure_at={{{{ $labels.rank }}}}"
 
 
 def _camel(name: str) -> str:
@@ -241,7 +266,7 @@ def build_rule_groups() -> list[dict[str, Any]]:
              "description": f"{where}: {{{{ $value | humanize }}}} failed load(s) in the last 15 minutes; the "
                             "replicas keep serving the version they had (GET /v1/model names it and the error).",
              "runbook": RUNBOOK.format(alert="TaxonetModelLoadFailed")}},
-        {"alert": "TaxonetUnsureRateRising",
+        {"alert": UNSURE_ALERT,
          "expr": f"taxonet:unsure_ratio:rate1h > {m['unsure_factor']} * taxonet:unsure_ratio:baseline7d\n"
                  f"and taxonet:unsure_ratio:rate1h - taxonet:unsure_ratio:baseline7d > {m['unsure_min_increase']}\n"
                  f"and taxonet:predictions:rate1h > {m['unsure_min_rate']}",
@@ -251,7 +276,7 @@ def build_rule_groups() -> list[dict[str, Any]]:
              "description": f"{where}: {{{{ $value | humanizePercentage }}}} of the last hour's answers are unsure "
                             f"at rank {{{{ $labels.rank }}}}, over {m['unsure_factor']} times the trailing 7-day "
                             "share: new species, a changed camera or a drifting model.",
-             "runbook": RUNBOOK.format(alert="TaxonetUnsureRateRising"),
+             "runbook": RUNBOOK.format(alert=UNSURE_ALERT),
              "review_url": m["review_url"]}},
     ]
     # One group: Prometheus evaluates a group's rules in order, so every alert reads the recording rules of the same
@@ -308,7 +333,7 @@ def render_rule_groups(settings: AlertSettings) -> list[dict[str, Any]]:
             annotations = rule.get("annotations", {})
             if annotations.get("review_url") == _marker("review_url"):
                 if settings.review_url:
-                    annotations["review_url"] = settings.review_url
+                    annotations["review_url"] = review_link(settings.review_url)
                 else:
                     del annotations["review_url"]
     return groups
@@ -333,12 +358,28 @@ def render_dev_rule_patch() -> str:
         "promotion.\n" + _dump(patch)
 
 
+def unsure_alert_index() -> int:
+    """Position of TaxonetUnsureRateRising in the (single) rule group."""
+    return next(i for i, rule in enumerate(build_rule_groups()[0]["rules"]) if rule.get("alert") == UNSURE_ALERT)
+
+
+def render_no_review_rule_patch() -> str:
+    """JSON patch of components/no-review: the unsure alert loses its link to the review page the component removes.
+    The `test` op makes kustomize stop with an error, instead of removing another rule's annotation, if the rule
+    moved."""
+    where = f"/spec/groups/0/rules/{unsure_alert_index()}"
+    patch = [{"op": "test", "path": f"{where}/alert", "value": UNSURE_ALERT},
+             {"op": "remove", "path": f"{where}/annotations/review_url"}]
+    return RULE_HEADER + "# components/no-review: no review page, so the unsure alert links none.\n" + _dump(patch)
+
+
 def render_helm_rule_template() -> str:
     """The chart's templates/prometheusrule.yaml: the same rules, thresholds from monitoring.prometheusRule.*.
 
     Prometheus' own template syntax in annotations ({{ $value }}) is escaped for Helm; the @@markers@@ become Helm
     actions. Numbers are validated by values.schema.json, review_url too (no quotes), so the inserted text never
-    breaks the YAML quoting chosen by the dumper.
+    breaks the YAML quoting chosen by the dumper. An empty reviewUrl links the port-forwarded review page when the
+    chart deploys it (review.enabled and review.page.enabled), as the kustomize base does, and nothing otherwise.
     """
     text = _dump_groups(build_rule_groups())
     text = text.replace("{{", '{{ "{{" }}')
@@ -346,8 +387,10 @@ def render_helm_rule_template() -> str:
     for line in text.splitlines():
         if _marker("review_url") in line:
             indent = line[: len(line) - len(line.lstrip())]
-            lines.append(f"{indent}{{{{- with $rules.reviewUrl }}}}")
-            lines.append(line.replace(_marker("review_url"), "{{ . }}"))
+            lines.append(f"{indent}{{{{- with $reviewUrl }}}}")
+            # review_link in Helm's words (tests/k8s compare the chart's rule with the kustomize base's)
+            link = '{{ . }}{{ if contains "?" . }}&{{ else }}?{{ end }}unsure_at={{ "{{" }} $labels.rank }}'
+            lines.append(line.replace(_marker("review_url"), link))
             lines.append(f"{indent}{{{{- end }}}}")
             continue
         for field in dataclasses.fields(AlertSettings):
@@ -357,6 +400,10 @@ def render_helm_rule_template() -> str:
     return (
         "{{- /* " + RULE_HEADER.strip("# \n") + " */ -}}\n"
         "{{- $rules := .Values.monitoring.prometheusRule }}\n"
+        "{{- $reviewUrl := $rules.reviewUrl }}\n"
+        "{{- if and (not $reviewUrl) .Values.review.enabled .Values.review.page.enabled }}\n"
+        f"{{{{- $reviewUrl = {json.dumps(REVIEW_PAGE_URL)} }}}}\n"
+        "{{- end }}\n"
         "{{- if and .Values.monitoring.enabled $rules.enabled }}\n"
         "# Recording rules and alerts for serving (runbook: docs/metrics.md). Prometheus Operator loads it when the\n"
         "# labels match its ruleSelector (kube-prometheus-stack: release: <its release>).\n"
@@ -566,6 +613,10 @@ def generated_files(repo_root: Path = REPO_ROOT) -> dict[Path, str]:
     return {
         repo_root / "k8s" / "base" / "serve-config.yaml": render_serve_config("gpu", packaged),
         repo_root / "k8s" / "overlays" / "cpu-dev" / "serve-config.yaml": render_serve_config("cpu", packaged),
+        repo_root / "k8s" / "base" / "serve-config-no-review.yaml": render_serve_config("gpu", packaged, review=False),
+        repo_root / "k8s" / "overlays" / "cpu-dev" / "serve-config-no-review.yaml":
+            render_serve_config("cpu", packaged, review=False),
+        repo_root / "k8s" / "components" / "no-review" / "rule-patch.yaml": render_no_review_rule_patch(),
         repo_root / "k8s" / "base" / "prometheusrule.yaml": render_prometheus_rule(),
         repo_root / "k8s" / "overlays" / "cpu-dev" / "prometheusrule-patch.yaml": render_dev_rule_patch(),
         repo_root / "helm" / "taxonet" / "templates" / "prometheusrule.yaml": render_helm_rule_template(),

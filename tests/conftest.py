@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.net_support import free_port  # noqa: F401  (tests import it from here too)
 
 # Must be set before Ray starts anywhere in the test session (ENVIRONMENT.md: loopback only, CLIs without token).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -27,12 +28,6 @@ logging.getLogger("werkzeug").setLevel(logging.WARNING)
 S3_ACCESS_KEY = "taxonet-test-key"
 S3_SECRET_KEY = "taxonet-test-secret"
 S3_REGION = "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

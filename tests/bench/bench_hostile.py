@@ -50,6 +50,7 @@ sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
 
 from taxonet.serve.config import ServeArgs  # noqa: E402  (after the path set-up: runs from a checkout)
 from tests.checkpoint_support import tiny_checkpoint  # noqa: E402
+from tests.net_support import free_port, marked_processes  # noqa: E402
 
 MIB = 1024 * 1024
 MARK_ENV = "TAXONET_BENCH_MARK"
@@ -143,21 +144,6 @@ def client(port: int, kinds: list[Kind], offset: int, stop: threading.Event, out
 
 
 # ---------------------------------------------------------------------------------------------------- processes
-def marked_processes(mark: str) -> dict[int, str]:
-    """Live processes whose environment carries ``MARK_ENV=mark``: pid → command line (Ray's process title)."""
-    needle = f"{MARK_ENV}={mark}".encode()
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-    return found
-
-
 def memory_kib(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of a process in KiB; (0, 0) once it is gone."""
     try:
@@ -178,7 +164,7 @@ class Watch:
 
     def replicas(self) -> dict[str, list[int]]:
         found: dict[str, list[int]] = {"ingress": [], "classifier": []}
-        for pid, line in marked_processes(self.mark).items():
+        for pid, line in marked_processes(MARK_ENV, self.mark).items():
             if "TaxonetIngress" in line:
                 found["ingress"].append(pid)
             elif "TaxonetClassifier" in line:
@@ -256,19 +242,11 @@ def stop_server(process: subprocess.Popen[str], mark: str) -> None:
         process.wait(timeout=120)
     except subprocess.TimeoutExpired:
         process.kill()
-    for pid in marked_processes(mark):  # the command ends its Ray itself; this only guards a broken run
+    for pid in marked_processes(MARK_ENV, mark):  # the command ends its Ray itself; this only guards a broken run
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> int:

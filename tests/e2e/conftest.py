@@ -1,17 +1,19 @@
 """End-to-end fixtures: a standalone moto S3 server process and a `ray start --head` cluster, all on 127.0.0.1.
 
-These tests run in their own pytest process (``make test`` runs tests/e2e second) because `ray stop` stops every
-Ray on the machine, including the in-process one the integration tests share.
+These tests run in their own pytest process (``make test`` runs tests/e2e last): a driver that already joined the
+in-process Ray of the other tests cannot join a second cluster. The cluster is ended by the mark its processes
+carry, never with `ray stop` (which ends every Ray on the machine, other sessions' included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, free_port
+from tests.net_support import end_processes, marked_processes, process_tree
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -64,6 +67,9 @@ def e2e_env() -> Iterator[dict[str, str]]:
         log.close()
 
 
+MARK_ENV = "TAXONET_E2E_RAY_MARK"
+
+
 @dataclass
 class RayHead:
     address: str  # GCS address for ray.init / serve
@@ -75,12 +81,15 @@ class RayHead:
 def ray_head(e2e_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     """`ray start --head` on 127.0.0.1 with known ports (started from the venv so jobs use its Python)."""
     ray = str(BIN / "ray")
-    subprocess.run([ray, "stop", "--force"], env=e2e_env, capture_output=True, timeout=120)
+    # Every process of this cluster inherits the mark: the teardown ends exactly those. `ray stop` would end every
+    # Ray on the machine, other sessions' included (a developer's, another test run's).
+    mark = uuid.uuid4().hex
+    head_env = {**e2e_env, MARK_ENV: mark}
     gcs, dashboard, metrics = free_port(), free_port(), free_port()
     command = [ray, "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
                "--metrics-export-port", str(metrics), "--disable-usage-stats"]
-    started = subprocess.run(command, env=e2e_env, capture_output=True, text=True, timeout=180)
+    started = subprocess.run(command, env=head_env, capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
     head = RayHead(address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dashboard}", metrics_port=metrics)
     try:
@@ -93,5 +102,10 @@ def ray_head(e2e_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
             ray_module.shutdown()
         except Exception:
             pass
-        subprocess.run([ray, "stop", "--force"], env=e2e_env, capture_output=True, timeout=120)
-        shutil.rmtree("/tmp/ray/ray_current_cluster", ignore_errors=True)
+        # the marked processes and their children, taken before any ends (an orphan loses its parent link)
+        left = end_processes(process_tree(marked_processes(MARK_ENV, mark)))
+        assert not left, f"processes of the e2e Ray cluster outlived SIGKILL: {left}"
+        current = Path("/tmp/ray/ray_current_cluster")
+        with contextlib.suppress(OSError):
+            if current.read_text().strip() == head.address:  # ours: a later `ray.init()` must not look for it
+                current.unlink()

@@ -32,7 +32,7 @@ from taxonet.evaluate.run import run_evaluation
 from taxonet.serve.predictor import Predictor
 from taxonet.taxonomy import Taxonomy
 from tests.checkpoint_support import tiny_checkpoint
-from tests.conftest import free_port
+from tests.serve.helpers import serve_on_free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -79,14 +79,8 @@ def _shares(answers: list[dict], ranks: tuple[str, ...]) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def serve_url(ray_local: None) -> Iterator[str]:
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_on_free_port() as url:
+        yield url
 
 
 def _answers(predictor: Predictor, images: list[bytes]) -> list[dict]:

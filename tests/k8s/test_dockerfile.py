@@ -71,7 +71,7 @@ def test_image_installs_taxonet_as_a_non_root_user() -> None:
     runs = " ".join(rest for keyword, rest in steps if keyword == "RUN")
     assert re.search(r"pip install [^&]*\s\.(\s|$)", runs), "taxonet is installed with `pip install .`"
     assert "ray.__version__" in runs, "the build checks the image's Ray version"
-    for module in ("ray.serve", "ray.train", "taxonet.cli"):
+    for module in ("ray.serve", "ray.train", "taxonet.cli", "taxonet.review.app", "uvicorn"):  # uvicorn: review page
         assert re.search(rf"import [^;\"]*\b{re.escape(module)}\b", runs), f"the build check imports {module}"
     for keyword, rest in steps:
         if keyword == "COPY":

@@ -203,7 +203,8 @@ def test_default_render_passes_every_check(helm: HelmRenderer, schemas_dir, ray_
     docs, notes = render(helm)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(["ServiceAccount", "RayJob", "RayService", "PodMonitor", "PodMonitor", "PrometheusRule",
-                            "NetworkPolicy", "PodDisruptionBudget", "ConfigMap", "Job"]), kinds
+                            "NetworkPolicy", "PodDisruptionBudget", "ConfigMap", "Job",
+                            "Deployment", "Service", "NetworkPolicy"]), kinds  # the review page
     assert_manifests_pass(docs, schemas_dir, ray_version, existing=DEFAULT_EXISTING_SECRETS)
     if notes:  # the helm binary's `template` does not render NOTES.txt
         for name in DEFAULT_EXISTING_SECRETS:
@@ -231,7 +232,7 @@ def test_chart_as_a_subchart_with_global_values(helm: HelmRenderer, tmp_path: Pa
     (parent / "charts").mkdir(parents=True)
     shutil.copytree(CHART_DIR, parent / "charts" / "taxonet")
     (parent / "Chart.yaml").write_text("apiVersion: v2\nname: platform\nversion: 1.0.0\n"
-                                       "dependencies:\n  - name: taxonet\n    version: 0.2.0\n")
+                                       "dependencies:\n  - name: taxonet\n    version: 0.3.0\n")
     (parent / "values.yaml").write_text("global:\n  imageRegistry: registry.example.com\n  team: insects\n")
     docs, _ = render(helm, {"taxonet": {"train": {"enabled": False}}}, release="lab", chart=parent)
     assert {d["kind"] for d in docs} >= {"RayService", "PrometheusRule", "NetworkPolicy"}
@@ -387,7 +388,7 @@ def test_generated_credentials_and_dev_s3_endpoint(helm: HelmRenderer) -> None:
     s3, token = secrets["taxonet-s3"], secrets["taxonet-api-token"]["TAXONET_API_TOKEN"]
     assert re.fullmatch(r"taxonet[A-Za-z0-9]{13}", s3["AWS_ACCESS_KEY_ID"])
     assert re.fullmatch(r"[A-Za-z0-9]{40}", s3["AWS_SECRET_ACCESS_KEY"]) and re.fullmatch(r"[A-Za-z0-9]{48}", token)
-    service = next(d for d in docs if d["kind"] == "Service")
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "taxonet-s3")
     assert s3["AWS_ENDPOINT_URL_S3"] == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
     again, _ = render(helm, values_file(helm, "cpu-dev"))
     other = {d["metadata"]["name"]: d["stringData"] for d in again if d["kind"] == "Secret"}["taxonet-s3"]
@@ -440,7 +441,7 @@ def test_prometheus_rule_thresholds_come_from_values(helm: HelmRenderer) -> None
 def test_network_policy_selectors_are_configurable(helm: HelmRenderer) -> None:
     docs, _ = render(helm, {"networkPolicy": {"scraperPodSelectors": [{"app": "my-scraper"}],
                                               "serveFrom": [{"podSelector": {"matchLabels": {"app": "gateway"}}}]}})
-    ingress = only(docs, "NetworkPolicy")["spec"]["ingress"]
+    ingress = next(d for d in docs if d["metadata"]["name"] == "taxonet-ray")["spec"]["ingress"]
     metrics = next(r for r in ingress if {p["port"] for p in r.get("ports", [])} == {8080, 44217, 44227})
     assert [p["podSelector"]["matchLabels"] for p in metrics["from"]] == [{"app": "my-scraper"}]
     operator = next(r for r in ingress if 52365 in {p["port"] for p in r.get("ports", [])})

@@ -49,8 +49,9 @@ def test_base_serve_config_is_the_packaged_one_following_the_registry(generator)
     generated, packaged = yaml.safe_load(text), generator.load_packaged_serve_config()
     app, original = generated["applications"][0], packaged["applications"][0]
     assert app["args"]["model"] == "s3://taxonet/models/resnet50_mtl@production" and "checkpoint" not in app["args"]
-    assert {k: v for k, v in app["args"].items() if k not in ("model", "model_poll_s")} == \
-        {k: v for k, v in original["args"].items() if k not in ("checkpoint", "model", "model_poll_s")}
+    assert {k: v for k, v in app["args"].items() if k not in ("model", "model_poll_s", "review_queue")} == \
+        {k: v for k, v in original["args"].items() if k not in ("checkpoint", "model", "model_poll_s", "review_queue")}
+    assert app["args"]["review_queue"] == {"uri": generator.REVIEW_QUEUE_URI}
     ingress = next(d for d in app["deployments"] if d["name"] == "TaxonetIngress")
     assert ingress["ray_actor_options"]["resources"] == {generator.INGRESS_RESOURCE: 1}
     classifier = next(d for d in app["deployments"] if d["name"] == "TaxonetClassifier")

@@ -95,6 +95,15 @@ def test_promtool_unit_tests_fail_when_a_threshold_moves(tmp_path: Path) -> None
     assert result.returncode != 0 and "TaxonetHighErrorRatio" in result.stderr, result.stdout + result.stderr
 
 
+def test_promtool_unit_tests_check_the_review_link(tmp_path: Path) -> None:
+    """The unsure alert's link to the review page is part of its unit test: rules without it fail."""
+    generator = load_generator()
+    directory = tmp_path / "unlinked"
+    write_rules(directory, generator.render_rule_groups(generator.AlertSettings(review_url="")))
+    result = run_promtool("test", "rules", "taxonet-unsure.test.yaml", cwd=directory)
+    assert result.returncode != 0 and "review_url" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
 def test_broken_rules_fail_promtool_check(tmp_path: Path) -> None:
     groups = load_generator().render_rule_groups(load_generator().AlertSettings())
     first_alert = next(rule for rule in groups[0]["rules"] if "alert" in rule)

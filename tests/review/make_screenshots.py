@@ -1,7 +1,9 @@
 """Screenshots of the review page for docs/review.md, taken with headless Chromium (Debian's) on a laptop-sized
-window over a synthetic queue on local disk.
+window over a synthetic queue on local disk; with ``--browser firefox``, the main page once more in Debian's Firefox
+ESR (over WebDriver BiDi, tests/review/firefox_bidi.py) as review-page-firefox.png.
 
     flock /tmp/taxonet-heavy.lock .venv/bin/python -m tests.review.make_screenshots --out docs/img
+    flock /tmp/taxonet-heavy.lock .venv/bin/python -m tests.review.make_screenshots --out docs/img --browser firefox
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from taxonet.review import records
 from taxonet.review.records import Decision
-from tests.review.review_support import chromium, item, log_in, serving, write_queue
+from tests.review.firefox_bidi import firefox
+from tests.review.review_support import chromium, item, log_in, log_in_firefox, serving, write_queue
 
 WAIT_S = 60
 
@@ -57,9 +60,52 @@ def decisions() -> list[Decision]:
                      decided_at=at("03:00"))]
 
 
+def firefox_page(url: str, out: Path) -> list[Path]:
+    """The first screenshot (a type-ahead search under way) in Firefox."""
+    path = out / "review-page-firefox.png"
+    with firefox(1366, 800) as browser:
+        log_in_firefox(browser, url, "cara", wait_s=WAIT_S)
+        browser.wait_for("document.getElementById('crop-meta').textContent.includes('cam1-14')",
+                         "the first crop never showed", WAIT_S)
+        browser.click("#search")
+        browser.keys("syrph")
+        browser.wait_for("document.querySelectorAll('#results li').length", "no search results", WAIT_S)
+        browser.wait_for("[...document.images].every((image) => image.complete)", "images never loaded", WAIT_S)
+        time.sleep(0.5)  # images finish drawing
+        browser.screenshot(path)
+    return [path]
+
+
+def chromium_pages(url: str, out: Path) -> list[Path]:
+    """The page, a look-alike group about to be named, and the statistics, in Chromium."""
+    with chromium(1366, 800) as driver:
+        log_in(driver, url, "cara")
+        wait = WebDriverWait(driver, WAIT_S)
+        wait.until(lambda d: "cam1-14" in d.find_element(By.ID, "crop-meta").text)
+        driver.find_element(By.ID, "search").send_keys("syrph")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results li"))
+        time.sleep(0.5)  # images finish drawing
+        driver.save_screenshot(str(out / "review-page.png"))
+        driver.find_element(By.ID, "search").send_keys(Keys.ESCAPE)  # clears the search, leaves the box
+        driver.find_element(By.CSS_SELECTOR, '#list .thumb[data-crop="cam3-00"]').click()
+        ActionChains(driver).send_keys("g").perform()
+        wait.until(lambda d: "look-alikes selected" in d.find_element(By.ID, "status").text)
+        ActionChains(driver).send_keys("n").perform()
+        driver.find_element(By.ID, "ns-name").send_keys("Apidae sp. A")
+        time.sleep(0.5)
+        driver.save_screenshot(str(out / "review-group.png"))
+        driver.find_element(By.ID, "tab-stats").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#stats-ranks tbody tr"))
+        time.sleep(0.3)
+        driver.save_screenshot(str(out / "review-stats.png"))
+    return [out / name for name in ("review-page.png", "review-group.png", "review-stats.png")]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/img", help="where the PNGs go (default: docs/img)")
+    parser.add_argument("--browser", choices=("chromium", "firefox"), default="chromium",
+                        help="chromium: the three screenshots; firefox: review-page-firefox.png (default: chromium)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,27 +113,9 @@ def main() -> None:
         write_queue(f"{root}/queue", queue())
         for decision in decisions():
             records.write_decision(f"{root}/labels", decision)
-        with serving(f"{root}/queue", f"{root}/labels") as url, chromium(1366, 800) as driver:
-            log_in(driver, url, "cara")
-            wait = WebDriverWait(driver, WAIT_S)
-            wait.until(lambda d: "cam1-14" in d.find_element(By.ID, "crop-meta").text)
-            driver.find_element(By.ID, "search").send_keys("syrph")
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results li"))
-            time.sleep(0.5)  # images finish drawing
-            driver.save_screenshot(str(out / "review-page.png"))
-            driver.find_element(By.ID, "search").send_keys(Keys.ESCAPE)  # clears the search, leaves the box
-            driver.find_element(By.CSS_SELECTOR, '#list .thumb[data-crop="cam3-00"]').click()
-            ActionChains(driver).send_keys("g").perform()
-            wait.until(lambda d: "look-alikes selected" in d.find_element(By.ID, "status").text)
-            ActionChains(driver).send_keys("n").perform()
-            driver.find_element(By.ID, "ns-name").send_keys("Apidae sp. A")
-            time.sleep(0.5)
-            driver.save_screenshot(str(out / "review-group.png"))
-            driver.find_element(By.ID, "tab-stats").click()
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#stats-ranks tbody tr"))
-            time.sleep(0.3)
-            driver.save_screenshot(str(out / "review-stats.png"))
-    print("\n".join(str(out / name) for name in ("review-page.png", "review-group.png", "review-stats.png")))
+        with serving(f"{root}/queue", f"{root}/labels") as url:
+            paths = firefox_page(url, out) if args.browser == "firefox" else chromium_pages(url, out)
+    print("\n".join(map(str, paths)))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,8 @@ from taxonet.review.leases import Leases
 from taxonet.review.records import QueueItem
 from taxonet.review.store import ReviewStore
 from taxonet.taxonomy import Taxonomy
+from tests.net_support import free_port
+from tests.review.firefox_bidi import Firefox
 
 TAXONOMY = Taxonomy.demo()
 TOKEN = "review-test-token"
@@ -65,12 +66,6 @@ def item(crop_id: str, species: str, reliable_to: str | None, *, source: str | N
                      answer=json.dumps(answer(chain, reliable_to, confidence, alternatives)), model="demo",
                      model_version="3", lowest_reliable_rank=reliable_to, source=source, queued_at=queued_at,
                      embedding=tuple(embedding))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -131,3 +126,14 @@ def log_in(driver: webdriver.Chrome, url: str, name: str, token: str = TOKEN) ->
     driver.find_element(By.ID, "login-token").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
     WebDriverWait(driver, 60).until(ec.visibility_of_element_located((By.ID, "review")))
+
+
+def log_in_firefox(browser: Firefox, url: str, name: str, token: str = TOKEN, wait_s: float = 90) -> None:
+    """The login of ``log_in`` in Firefox (tests/review/firefox_bidi.py): real clicks and key presses."""
+    browser.navigate(url + "/")
+    browser.wait_for("!document.getElementById('login').hidden", "the login form never showed", wait_s)
+    browser.click("#login-name")
+    browser.keys(name)
+    browser.click("#login-token")
+    browser.keys(token, "Enter")
+    browser.wait_for("!document.getElementById('review').hidden", "the review page never showed", wait_s)

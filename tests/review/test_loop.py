@@ -34,7 +34,7 @@ from taxonet.data.synthetic import SyntheticInsects, unseen_species
 from taxonet.review import records
 from taxonet.review.records import Decision
 from taxonet.taxonomy import Taxonomy
-from tests.conftest import free_port
+from tests.serve.helpers import serve_on_free_port
 from tests.support import TensorData, train_locally
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -72,14 +72,8 @@ def jpeg(image: object) -> bytes:
 
 @pytest.fixture()
 def serve_http(ray_local: None) -> Iterator[str]:
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_on_free_port() as url:
+        yield url
 
 
 def recipe(dataset: str):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .helpers import encode, free_port
+from .helpers import encode, serve_on_free_port
 
 
 @pytest.fixture(scope="session")
@@ -40,13 +40,7 @@ def jpeg(insect_images: list[tuple[tuple[str, ...], Image.Image]]) -> bytes:
 @pytest.fixture(scope="package")
 def serve_http(ray_local: None) -> Iterator[str]:
     """Serve's HTTP proxy on 127.0.0.1 and a free port; yields the base URL. Serve is shut down afterwards."""
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_on_free_port() as url:
+        yield url
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from taxonet.anomaly import AnomalyThresholds, ClassThreshold
 from taxonet.checkpoint import add_thresholds, copy_checkpoint, read_manifest, write_manifest
 from taxonet.serve.app import app_builder
 from taxonet.taxonomy import Taxonomy
+from tests.net_support import free_port
 
 #: replica resources for tests: fractions of the session's 2 CPUs, leaving room for everything else
 SMALL = {"num_cpus": 0.1, "max_ongoing_requests": 16, "autoscaling": None, "num_replicas": 1}
@@ -88,10 +89,16 @@ def animated_gif(base: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@contextmanager
+def serve_on_free_port() -> Iterator[str]:
+    """Serve's HTTP proxy on 127.0.0.1 and a free port (Ray must be initialised); yields the base URL and shuts
+    Serve down afterwards."""
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
 
 
 def deploy(args: dict[str, Any], name: str, route_prefix: str) -> None:

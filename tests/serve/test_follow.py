@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import pytest
 from taxonet import registry, storage
 from taxonet.serve.predictor import Predictor
 from tests.checkpoint_support import damage_version, tiny_checkpoint
+from tests.net_support import RequestLoop
 
 from .helpers import SMALL, deploy, encode, replica_names, wait_for
 
@@ -107,50 +107,20 @@ def test_serving_started_before_any_model_answers_503_then_serves_the_promoted_v
     assert {d: replica_names(app, d) for d in replicas} == replicas, "no replica may be restarted"
 
 
-class Clients:
-    """``count`` loopback clients sending classify requests (raw bodies and two-image multipart) until stopped."""
+def clients_loop(url: str, images: list[bytes], count: int) -> RequestLoop[tuple[int, dict[str, Any] | str, int]]:
+    """``count`` loopback clients sending classify requests (odd ones: all ``images`` in one multipart request, even
+    ones: the first image as a raw body) until stopped; records (status, body, images sent)."""
+    def send(client: httpx.Client, index: int) -> tuple[int, dict[str, Any] | str, int]:
+        if index % 2:
+            response = client.post("/v1/classify", files=[("files", (f"{i}.jpg", data, "image/jpeg"))
+                                                          for i, data in enumerate(images)])
+            sent = len(images)
+        else:
+            response = classify(client, images[0])
+            sent = 1
+        return response.status_code, (response.json() if response.status_code == 200 else response.text), sent
 
-    def __init__(self, url: str, images: list[bytes], count: int) -> None:
-        self.url, self.images = url, images
-        self.results: list[tuple[int, dict[str, Any] | str, int]] = []  # (status, body, images sent)
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(count)]
-
-    def _run(self, index: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as client:
-            while not self._stop.is_set():
-                try:
-                    if index % 2:
-                        response = client.post("/v1/classify", files=[("files", (f"{i}.jpg", data, "image/jpeg"))
-                                                                      for i, data in enumerate(self.images)])
-                        sent = len(self.images)
-                    else:
-                        response = classify(client, self.images[0])
-                        sent = 1
-                    body = response.json() if response.status_code == 200 else response.text
-                    result = (response.status_code, body, sent)
-                except httpx.HTTPError as exc:
-                    result = (-1, f"{type(exc).__name__}: {exc}", 0)
-                with self._lock:
-                    self.results.append(result)
-
-    def __enter__(self) -> "Clients":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=65)
-
-    def snapshot(self) -> list[tuple[int, dict[str, Any] | str, int]]:
-        with self._lock:
-            return list(self.results)
-
-    def wait_for_answers(self, count: int, timeout: float = 120) -> None:
-        wait_for(lambda: len(self.snapshot()) >= count, timeout, interval=0.2, what=f"{count} answers")
+    return RequestLoop(url, send, count, on_error=lambda exc: (-1, f"{type(exc).__name__}: {exc}", 0), join_s=65)
 
 
 def expected_scores(uri: str, images: list[bytes]) -> np.ndarray:
@@ -179,7 +149,7 @@ def test_an_alias_moved_under_16_clients_fails_no_request_and_mixes_no_versions(
     cleanup(app)
     deploy(app_args(f"{models}/demo@production", {"num_replicas": 2}), name=app, route_prefix=prefix)
     url = serve_http + prefix
-    with Clients(url, images, count=16) as clients:
+    with clients_loop(url, images, count=16) as clients:
         clients.wait_for_answers(32)
         registry.promote(models, "demo", 2, "production")
 

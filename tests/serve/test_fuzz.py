@@ -9,7 +9,6 @@ operation and generation mode, derandomized (the same requests every run), withi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx

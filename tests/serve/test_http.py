@@ -117,7 +117,7 @@ def test_pixel_budget_serves_first_come_first_served() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await gone
         release_first.set()
-        await asyncio.gather(large, *smalls)
+        await asyncio.gather(first, large, *smalls)
         assert budget.free == 100 and not budget._waiting
         return order
 

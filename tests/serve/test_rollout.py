@@ -13,7 +13,6 @@ The new checkpoint also changes the input size (32 → 40 px), so the ingress mu
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,56 +20,27 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.net_support import RequestLoop
+
 from .helpers import SMALL, deploy, replica_names, variant, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-class ClientLoop:
-    """Two loopback clients sending classify requests until stopped; records (status, model version) per answer."""
+def client_loop(url: str, image: bytes, clients: int = 2) -> RequestLoop[tuple[int, str]]:
+    """Loopback clients sending classify requests until stopped; records (status, model version) per answer."""
+    def send(client: httpx.Client, _: int) -> tuple[int, str]:
+        response = client.post("/v1/classify", content=image, headers={"content-type": "image/jpeg"})
+        return response.status_code, (response.json()["model"]["version"] if response.status_code == 200
+                                      else response.text)
 
-    def __init__(self, url: str, image: bytes, clients: int = 2) -> None:
-        self.url, self.image = url, image
-        self.results: list[tuple[int, str]] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+    return RequestLoop(url, send, clients, on_error=lambda exc: (-1, f"{type(exc).__name__}: {exc}"), timeout_s=30,
+                       join_s=35)
 
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            while not self._stop.is_set():
-                try:
-                    response = client.post("/v1/classify", content=self.image,
-                                           headers={"content-type": "image/jpeg"})
-                    version = response.json()["model"]["version"] if response.status_code == 200 else response.text
-                    result = (response.status_code, version)
-                except httpx.HTTPError as exc:
-                    result = (-1, f"{type(exc).__name__}: {exc}")
-                with self._lock:
-                    self.results.append(result)
 
-    def __enter__(self) -> "ClientLoop":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=35)
-
-    def snapshot(self) -> list[tuple[int, str]]:
-        with self._lock:
-            return list(self.results)
-
-    def wait_for_version(self, version: str, timeout: float) -> None:
-        def seen() -> bool:
-            return any(v == version for _, v in self.snapshot()[-4:])
-
-        wait_for(seen, timeout, interval=0.2, what=f"answers from model version {version}")
-
-    def wait_for_answers(self, count: int, timeout: float = 30) -> None:
-        wait_for(lambda: len(self.snapshot()) >= count, timeout, interval=0.1, what=f"{count} answers")
+def wait_for_version(loop: RequestLoop[tuple[int, str]], version: str, timeout: float) -> None:
+    wait_for(lambda: any(v == version for _, v in loop.snapshot()[-4:]), timeout, interval=0.2,
+             what=f"answers from model version {version}")
 
 
 def assert_no_failures(results: list[tuple[int, str]], old: str, new: str) -> None:
@@ -109,10 +79,10 @@ def test_serve_run_again_replaces_the_model_without_failed_requests(serve_http: 
     app, prefix = "taxonet-rollout-run", "/rollout-run"
     cleanup(app)
     deploy(app_args(versions["rollout-v1"]), name=app, route_prefix=prefix)
-    with ClientLoop(serve_http + prefix, jpeg) as loop:
+    with client_loop(serve_http + prefix, jpeg) as loop:
         loop.wait_for_answers(5)
         deploy(app_args(versions["rollout-v2"]), name=app, route_prefix=prefix)  # returns once the new app runs
-        loop.wait_for_version("rollout-v2", timeout=30)
+        wait_for_version(loop, "rollout-v2", timeout=30)
         count = len(loop.snapshot())
         loop.wait_for_answers(count + 5)
     assert_no_failures(loop.snapshot(), "rollout-v1", "rollout-v2")
@@ -146,11 +116,11 @@ def test_user_config_rolls_out_in_place_without_failed_requests(serve_http: str,
 
     client.deploy_apps(config(None), _blocking=True)
     before = {d: replica_names(app, d) for d in ("TaxonetIngress", "TaxonetClassifier")}
-    with ClientLoop(serve_http + prefix, jpeg) as loop:
+    with client_loop(serve_http + prefix, jpeg) as loop:
         loop.wait_for_answers(5)
         assert {v for _, v in loop.snapshot()} == {"rollout-v1"}
         client.deploy_apps(config({"checkpoint": str(versions["rollout-v2"]), "max_batch_size": 8}))
-        loop.wait_for_version("rollout-v2", timeout=30)
+        wait_for_version(loop, "rollout-v2", timeout=30)
         count = len(loop.snapshot())
         loop.wait_for_answers(count + 5)
     assert_no_failures(loop.snapshot(), "rollout-v1", "rollout-v2")

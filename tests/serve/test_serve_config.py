@@ -112,3 +112,13 @@ def test_access_log_is_per_deployment_and_the_graph_is_on_by_default() -> None:
     assert args.graph is False and args.classifier.options()["logging_config"] == {"enable_access_log": True}
     with pytest.raises(ValidationError, match="graph"):
         ServeArgs.model_validate({"checkpoint": "x", "graph": "sometimes"})
+
+
+def test_replaced_replicas_drain_for_as_long_as_their_longest_request() -> None:
+    """Serve's default drain (20 s) is shorter than a request may take (body + model answer); a rollout on a loaded
+    machine then cut one off with a bare 500. The drains follow the request timeouts."""
+    args = ServeArgs(model="/m", body_timeout_s=40, classifier_timeout_s=25)
+    ingress, classifier = args.ingress_options(), args.classifier_options()
+    assert ingress["graceful_shutdown_timeout_s"] > 40 + 25
+    assert 25 < classifier["graceful_shutdown_timeout_s"] < ingress["graceful_shutdown_timeout_s"]
+    assert ServeArgs(model="/m").ingress_options()["graceful_shutdown_timeout_s"] > 20  # more than Serve's default

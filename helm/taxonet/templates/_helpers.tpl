@@ -342,8 +342,9 @@ ray_actor_options:
 
 {{/*
 The Ray Serve config (serveConfigV2), same structure as the package's configs/serve.yaml: one application,
-deployments TaxonetIngress and TaxonetClassifier with Serve autoscaling. A custom Ray resource a deployment needs
-must be offered by an enabled worker group, or its replicas would wait forever.
+deployments TaxonetIngress and TaxonetClassifier with Serve autoscaling; the ingress queues unsure crops for review
+(serve.args.review_queue) unless review.enabled is false. A custom Ray resource a deployment needs must be offered by
+an enabled worker group, or its replicas would wait forever.
 */}}
 {{- define "taxonet.serveConfig" -}}
 {{- $serve := .Values.serve }}
@@ -365,7 +366,8 @@ must be offered by an enabled worker group, or its replicas would wait forever.
 {{- $classifier := include "taxonet.serveDeployment" (dict "name" "TaxonetClassifier" "values" $serve.classifier)
     | fromYaml }}
 {{- $app := dict "name" $serve.appName "route_prefix" $serve.routePrefix "import_path" $serve.importPath }}
-{{- $_ := set $app "args" $serve.args }}
+{{- /* review.enabled=false turns the queue off: review_queue is left out of the args */}}
+{{- $_ := set $app "args" (ternary $serve.args (omit $serve.args "review_queue") .Values.review.enabled) }}
 {{- $_ = set $app "deployments" (list $ingress $classifier) }}
 {{- $http := merge (deepCopy ($serve.httpOptions | default dict)) (dict "host" "0.0.0.0" "port" 8000) }}
 {{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $app)) }}

@@ -3,6 +3,7 @@
 Experts open the page, log in with the API token and their name, and label the crops serving was unsure about::
 
     GET  /                          the page (static; every /api/* call below is token-protected)
+    GET  /healthz                   {"status": "ok"}: the process answers (Kubernetes probes; no token, no storage)
     POST /api/login                 {"token", "name"}: checks both, sets them as HttpOnly SameSite=Strict cookies
     GET  /api/session               {"reviewer": NAME or null}: logged in or not (never 401)
     GET  /api/me                    reviewer, ranks, families and sources for the filters
@@ -119,6 +120,7 @@ class ReviewApp:
     def starlette(self) -> Starlette:
         routes = [
             Route("/", self.page),
+            Route("/healthz", self.healthz),
             Route("/api/login", self.login, methods=["POST"]),
             Route("/api/logout", self.logout, methods=["POST"]),
             Route("/api/session", self.session),
@@ -222,6 +224,11 @@ class ReviewApp:
     # ------------------------------------------------------------------ routes
     async def page(self, request: Request) -> Response:
         return FileResponse(PAGE_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def healthz(self, request: Request) -> Response:
+        """Liveness and readiness: answers without a token and without touching storage, so a slow S3 endpoint
+        never gets the server restarted (queue and labels are read on the next API call)."""
+        return JSONResponse({"status": "ok"})
 
     async def login(self, request: Request) -> Response:
         data = await self._json(request)

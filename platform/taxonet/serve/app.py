@@ -519,9 +519,9 @@ def app_builder(args: ServeArgs | dict[str, Any]) -> serve.Application:
     """
     config = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args or {})
     user_config = config.classifier_config().model_dump()
-    classifier = TaxonetClassifier.options(user_config=user_config, **config.classifier.options()).bind(
+    classifier = TaxonetClassifier.options(user_config=user_config, **config.classifier_options()).bind(
         device=config.device, defaults=user_config, graph=config.graph, jpeg_decode=config.jpeg_decode)
-    return TaxonetIngress.options(**config.ingress.options()).bind(classifier,
+    return TaxonetIngress.options(**config.ingress_options()).bind(classifier,
                                                                    config.ingress_settings().model_dump())
 
 

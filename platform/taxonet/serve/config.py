@@ -32,6 +32,8 @@ DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_S = 0.01
 #: replica count bounds of the default autoscaling
 DEFAULT_MAX_REPLICAS = 4
+#: seconds a replica being replaced gets beyond its longest request's timeouts (decoding, answering)
+DRAIN_MARGIN_S = 15.0
 #: seconds between two polls of the model reference by each classifier replica (also the Retry-After of a 503
 #: while no model is loaded)
 MODEL_POLL_S = 30.0
@@ -109,8 +111,9 @@ class DeploymentArgs(BaseModel):
             raise ValueError(_TOKEN_IN_ARGS)
         return value
 
-    def options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``."""
+    def options(self, drain_s: float | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``; ``drain_s``: how long a replica being replaced (rollout,
+        downscale) may finish its calls in flight before Serve kills it (Serve's default is 20 s)."""
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.env_vars:
             actor["runtime_env"] = {"env_vars": dict(self.env_vars)}
@@ -120,6 +123,8 @@ class DeploymentArgs(BaseModel):
             "ray_actor_options": actor,
             "logging_config": {"enable_access_log": self.access_log},
         }
+        if drain_s is not None:
+            options["graceful_shutdown_timeout_s"] = drain_s
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling
         else:
@@ -289,6 +294,17 @@ class ServeArgs(ClassifierConfig, IngressSettings):
             raise ValueError(f"ingress.max_ongoing_requests ({self.ingress.max_ongoing_requests}) must be at least "
                              f"max_concurrent_requests ({self.max_concurrent_requests})")
         return self
+
+    def ingress_options(self) -> dict[str, Any]:
+        """The ingress's ``Deployment.options``. A replica being replaced finishes every request it holds: the
+        longest takes the body timeout plus the model's answer timeout (plus decoding); Serve's default drain of
+        20 s cut such requests off with a bare 500 during rollouts on a loaded machine."""
+        return self.ingress.options(drain_s=self.body_timeout_s + self.classifier_timeout_s + DRAIN_MARGIN_S)
+
+    def classifier_options(self) -> dict[str, Any]:
+        """The classifier's ``Deployment.options``: a replica being replaced answers the calls it holds (each is
+        waited for at most ``classifier_timeout_s`` by the ingress)."""
+        return self.classifier.options(drain_s=self.classifier_timeout_s + DRAIN_MARGIN_S)
 
     def classifier_config(self) -> ClassifierConfig:
         return ClassifierConfig.model_validate(self.model_dump(include=set(ClassifierConfig.model_fields)))
