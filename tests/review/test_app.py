@@ -4,6 +4,7 @@ auth, order and filters, leases that expire, disputes, look-alike groups, statis
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import subprocess
@@ -201,12 +202,16 @@ def test_look_alikes_are_offered_as_a_group(tmp_path) -> None:
     queue = [item("new-1", "Apis mellifera", "family", embedding=(1.0, 0.0, 0.1)),
              item("new-2", "Apis mellifera", "family", embedding=(0.98, 0.05, 0.1)),
              item("new-3", "Bombus terrestris", "family", embedding=(0.97, 0.0, 0.2)),
-             item("other", "Apis mellifera", "family", embedding=(0.0, 1.0, 0.0))]
+             item("other", "Apis mellifera", "family", embedding=(0.0, 1.0, 0.0)),
+             # the same vector from another model version is in another embedding space: never grouped
+             dataclasses.replace(item("v4", "Apis mellifera", "family", embedding=(1.0, 0.0, 0.1)),
+                                 model_version="4")]
     write_queue(str(tmp_path / "q"), queue)
     with serving(str(tmp_path / "q"), str(tmp_path / "labels")) as url:
         ana = session("ana")
         crops = {c["crop_id"]: c for c in ana.get(url + "/api/next").json()["crops"]}
         assert set(crops["new-1"]["similar"]) == {"new-2", "new-3"} and crops["other"]["similar"] == []
+        assert crops["v4"]["similar"] == []
         group = ana.get(url + "/api/crops/new-1/similar").json()["crops"]
         assert [c["crop_id"] for c in group] == ["new-1", "new-2", "new-3"]
         named = ana.post(url + "/api/decisions", json={"crop_ids": ["new-1", "new-2", "new-3"], "kind": "new_species",

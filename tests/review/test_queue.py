@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -135,6 +136,29 @@ def test_memory_is_bounded_by_bytes_too(tmp_path: Path) -> None:
     results = [writer.offer(photo(0), answer("family")) for _ in range(5)]  # never started: nothing leaves memory
     assert sum(r is not None for r in results) == 2 and writer.dropped == {"full": 3}
     writer.close()
+
+
+def test_an_offered_embedding_is_stored_with_its_crop_and_counts_against_memory(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3, 128)).astype(np.float16)
+    vectors /= np.linalg.norm(vectors.astype(np.float32), axis=1, keepdims=True).astype(np.float16)
+    writer = ReviewQueueWriter(settings(tmp_path, batch_size=2, audit_rate=0.0))
+    for i, vector in enumerate(vectors):
+        assert writer.offer(photo(i), answer("family"), ModelRef("m", "2"), None, vector) == "unsure"
+    assert writer.offer(photo(7), answer("order"), ModelRef("m", "2")) == "unsure"  # a crop without one
+    writer.close()
+    stored = {item.crop_id: item.embedding for item in records.read_queue(settings(tmp_path).uri)}
+    for i, vector in enumerate(vectors):  # float16 on the wire, float32 in Parquet: exactly the same values
+        assert np.array_equal(np.asarray(stored[hashlib.sha256(photo(i)).hexdigest()], dtype=np.float32),
+                              vector.astype(np.float32))
+    assert stored[hashlib.sha256(photo(7)).hexdigest()] == ()
+
+    # the byte bound counts the embedding too: room for one crop alone, not for the crop with its 256 bytes
+    tight = ReviewQueueWriter(settings(tmp_path / "tight", max_memory_bytes=len(photo(0)) + 100))
+    assert tight.offer(photo(0), answer("family"), None, None, vectors[0]) is None
+    assert tight.dropped == {"full": 1}
+    assert tight.offer(photo(0), answer("family")) == "unsure"
+    tight.close()
 
 
 def test_storage_failures_are_counted_and_serving_goes_on(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from taxonet.config import load_config
 from taxonet.data.transforms import (ImageDecodeError, TransformSpec, build_eval_transform, decode_image,
                                      normalize_uint8, open_image)
 from taxonet.models import build_model
-from taxonet.serve.predictor import SERVED_FORMATS, Predictor, Preprocessor, freeze_for_cpu, sniff_format
+from taxonet.serve.predictor import (EMBEDDING_MAX_DIMS, SERVED_FORMATS, Predictor, Preprocessor, embedding_projection,
+                                     freeze_for_cpu, sniff_format)
 from taxonet.taxonomy import Taxonomy
 from .helpers import animated_gif, check_answer, encode, odd_images, png_bomb, variant
 
@@ -211,6 +212,72 @@ def test_a_model_the_graph_would_change_stays_eager(caplog: pytest.LogCaptureFix
     model.train()
     freeze_for_cpu(model, 16)
     assert model.training
+
+
+# ---------------------------------------------------------------------------------------------------- embeddings
+def _unit_features(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The pooled backbone features R0 of a HierarchicalClassifier, L2-normalised (float32)."""
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.backbone(batch), dim=1)
+
+
+def test_embeddings_are_the_normalised_features_of_the_same_forward_pass(checkpoint: Path,
+                                                                          insect_images: list) -> None:
+    """The embedding is R0 (what the heads see), unit norm, float16; the same for an image alone or in a batch, the
+    same on every call, from the one forward pass that gives the answers; absent unless asked for."""
+    eager = Predictor.from_checkpoint(str(checkpoint), device="cpu", graph=False)
+    graph = Predictor.from_checkpoint(str(checkpoint), device="cpu")
+    assert graph.graph and eager.has_features and eager.embedding_dims == 64  # tiny_cnn: 64 ≤ the bound, as-is
+    batch = torch.stack([eager.preprocessor.decode_uint8(encode(image)) for _, image in insect_images])
+    calls: list[int] = []
+    backbone = eager.model.model.backbone
+    hook = backbone.register_forward_hook(lambda module, inputs, output: calls.append(output.shape[0]))
+    try:
+        result = eager.predict_batch(batch, embed=True)
+    finally:
+        hook.remove()
+    assert calls == [len(batch)]  # one pass for answers and embeddings
+    embeddings = result.embeddings
+    assert embeddings is not None and embeddings.dtype == np.float16 and embeddings.shape == (len(batch), 64)
+    expected = _unit_features(eager.model.model, normalize_uint8(batch, eager.transform)).numpy()
+    assert np.allclose(embeddings.astype(np.float32), expected, atol=2e-3)
+    assert np.allclose(np.linalg.norm(embeddings.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    assert result.answers == eager.predict_tensors(batch)  # the answers are those without embeddings
+    assert eager.predict_batch(batch).embeddings is None  # only when asked
+    alone = np.concatenate([eager.predict_batch(image, embed=True).embeddings for image in batch])
+    assert np.allclose(alone.astype(np.float32), embeddings.astype(np.float32), atol=2e-3)
+    assert np.array_equal(eager.predict_batch(batch, embed=True).embeddings, embeddings)  # deterministic
+    # the CPU graph (what Serve runs by default) carries the features through too
+    traced = graph.predict_batch(batch, embed=True).embeddings
+    assert traced is not None and np.allclose(traced.astype(np.float32), embeddings.astype(np.float32), atol=2e-3)
+
+
+def test_wide_features_are_projected_to_the_bound_keeping_cosines_approximately(insect_images: list) -> None:
+    taxonomy = Taxonomy.demo()
+    config = load_config("demo", {"model.backbone": "small_cnn", "data.input_size": 32})
+    torch.manual_seed(0)
+    model = build_model(config.model, taxonomy)
+    first = Predictor(model, taxonomy, TransformSpec(input_size=32), None, graph=False)
+    again = Predictor(model, taxonomy, TransformSpec(input_size=32), None, graph=False)
+    assert model.feature_dim == 256 > EMBEDDING_MAX_DIMS and first.embedding_dims == EMBEDDING_MAX_DIMS
+    images = [image for _, image in insect_images]
+    images += [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]  # look-alikes of each
+    batch = torch.stack([first.preprocessor.decode_uint8(encode(image)) for image in images])
+    embeddings = first.predict_batch(batch, embed=True).embeddings
+    assert embeddings is not None and embeddings.shape == (len(images), EMBEDDING_MAX_DIMS)
+    assert np.array_equal(again.predict_batch(batch, embed=True).embeddings, embeddings)  # a fixed, seeded matrix
+    features = _unit_features(model, normalize_uint8(batch, first.transform))
+    projection = embedding_projection(256)
+    assert projection is not None and embedding_projection(64) is None
+    expected = torch.nn.functional.normalize(features @ projection, dim=1).numpy()
+    assert np.allclose(embeddings.astype(np.float32), expected, atol=2e-3)
+    # cosines before and after: 1 − cos is kept within a relative error of about √(2/128) ≈ 0.125
+    before = (features @ features.T).numpy()
+    after = embeddings.astype(np.float32) @ embeddings.astype(np.float32).T
+    off = ~np.eye(len(images), dtype=bool)
+    relative = np.abs((1 - after[off]) - (1 - before[off])) / np.maximum(1 - before[off], 1e-3)
+    assert np.median(relative) < 0.25, np.median(relative)
+    assert np.corrcoef(before[off], after[off])[0, 1] > 0.9
 
 
 # ---------------------------------------------------------------------------------------------------- hostile input

@@ -6,14 +6,16 @@
 
 from taxonet.models.backbones import (BACKBONES, Backbone, WeightsUnavailableError, build_backbone, imagenet_weights,
                                       register_backbone)
-from taxonet.models.heads import HierarchicalClassifier, RankHead, build_model
+from taxonet.models.heads import FEATURES_KEY, HierarchicalClassifier, RankHead, WithFeatures, build_model
 
 __all__ = [
     "BACKBONES",
     "Backbone",
+    "FEATURES_KEY",
     "HierarchicalClassifier",
     "RankHead",
     "WeightsUnavailableError",
+    "WithFeatures",
     "build_backbone",
     "build_model",
     "imagenet_weights",

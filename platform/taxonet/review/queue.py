@@ -2,16 +2,18 @@
 
 The ingress calls :meth:`ReviewQueueWriter.offer` after it answered an image. ``offer`` decides in a few
 microseconds whether the crop is queued — every answer whose lowest reliable rank is above the deepest rank
-("unsure"), plus a random share of the sure ones ("audit") — and puts the request's bytes on a bounded in-memory
-queue. It never blocks and never raises: when the queue is full (``max_items`` crops or ``max_memory_bytes`` bytes)
-the crop is dropped and counted. A daemon thread takes the crops off the queue, re-encodes each as a JPEG of
-bounded side and size (a plain JPEG already within the bounds, without metadata, is kept as sent), names it by the sha256 of the bytes the client sent (so ``prepare --add-reviewed`` can
-deduplicate it against a dataset, whose ``sha256`` column hashes the original files the same way) and writes a
-batch with :func:`taxonet.review.records.write_queue_batch` — one whole Parquet object — when ``batch_size`` crops
-are waiting, when the oldest has waited ``flush_interval_s``, and at :meth:`close`.
+("unsure"), plus a random share of the sure ones ("audit") — and puts the request's bytes (and the image's
+embedding) on a bounded in-memory queue. It never blocks and never raises: when the queue is full (``max_items``
+crops or ``max_memory_bytes`` bytes, embeddings counted) the crop is dropped and counted. A daemon thread takes the
+crops off the queue, re-encodes each as a JPEG of bounded side and size (a plain JPEG already within the bounds,
+without metadata, is kept as sent), names it by the sha256 of the bytes the client sent (so ``prepare
+--add-reviewed`` can deduplicate it against a dataset, whose ``sha256`` column hashes the original files the same
+way) and writes a batch with :func:`taxonet.review.records.write_queue_batch` — one whole Parquet object — when
+``batch_size`` crops are waiting, when the oldest has waited ``flush_interval_s``, and at :meth:`close`.
 
-Embeddings are left empty: the ingress holds no model features, and computing them would cost the model replica a
-second output per image (the review page can compute them offline from the JPEGs).
+The embedding is the model's own (:meth:`taxonet.serve.predictor.Predictor.predict_batch`: pooled backbone features
+from the answer's forward pass, ≤ 128 dimensions, unit norm); the review page groups crops whose embeddings are
+close (look-alikes). A crop offered without one is stored with an empty embedding and is never grouped.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from taxonet.data.transforms import ImageDecodeError, decode_image
@@ -120,6 +123,9 @@ class _Pending:
     lowest_reliable_rank: str | None
     source: str | None
     queued_at: str
+    embedding: np.ndarray | None = field(default=None, repr=False)
+    #: bytes this crop holds against ``max_memory_bytes`` (released when the writer takes it)
+    size: int = 0
 
 
 class ReviewQueueWriter:
@@ -157,10 +163,12 @@ class ReviewQueueWriter:
         return self
 
     def offer(self, data: bytes, answer: Answer, model: ModelRef | None = None,
-              source: str | None = None) -> str | None:
-        """Queue one answered crop if the policy wants it; returns the reason it was queued, else None.
+              source: str | None = None, embedding: np.ndarray | None = None) -> str | None:
+        """Queue one answered crop (with the model's ``embedding`` of it, if any) if the policy wants it; returns
+        the reason it was queued, else None.
 
-        Never blocks and never raises: a full queue (or a closed writer) drops the crop and counts it.
+        Never blocks and never raises: a full queue (or a closed writer) drops the crop and counts it. The crop's
+        bytes and its embedding's count against ``max_memory_bytes``.
         """
         try:
             reason = queue_reason(answer, self.settings.audit_rate, self._rng)
@@ -169,7 +177,7 @@ class ReviewQueueWriter:
             if self._stop.is_set():
                 self._count(self.dropped, self._on_dropped, 1, "closed")
                 return None
-            size = len(data)
+            size = len(data) + (embedding.nbytes if embedding is not None else 0)
             with self._bytes_lock:
                 if self._bytes + size > self.settings.max_memory_bytes:
                     full = True
@@ -182,7 +190,8 @@ class ReviewQueueWriter:
             pending = _Pending(data=data, reason=reason, answer=answer,  # serialised by the writer thread
                                model=model.name if model else "", model_version=model.version if model else "",
                                lowest_reliable_rank=_lowest_and_deepest(answer)[0],
-                               source=records.sanitize_source(source), queued_at=records.utc_now())
+                               source=records.sanitize_source(source), queued_at=records.utc_now(),
+                               embedding=embedding, size=size)
             try:
                 self._queue.put_nowait(pending)
             except queue.Full:
@@ -245,7 +254,7 @@ class ReviewQueueWriter:
         settings = self.settings
         items: list[QueueItem] = []
         for entry in pending:
-            self._release(len(entry.data))
+            self._release(entry.size)
             crop_id = hashlib.sha256(entry.data).hexdigest()
             if crop_id in self._recent or any(item.crop_id == crop_id for item in items):
                 continue  # the same bytes again (a client retrying): reviewed once is enough
@@ -257,10 +266,12 @@ class ReviewQueueWriter:
                 continue
             fields = entry.answer.to_dict() if isinstance(entry.answer, ImageAnswer) else dict(entry.answer)
             fields.pop("filename", None)
+            embedding = () if entry.embedding is None else tuple(
+                np.asarray(entry.embedding, dtype=np.float32).ravel().tolist())  # float16 → float32: exact
             items.append(QueueItem(crop_id=crop_id, reason=entry.reason, jpeg=jpeg, width=width, height=height,
-                                   answer=json.dumps(fields, sort_keys=True), model=entry.model, model_version=entry.model_version,
-                                   lowest_reliable_rank=entry.lowest_reliable_rank, source=entry.source,
-                                   queued_at=entry.queued_at))
+                                   answer=json.dumps(fields, sort_keys=True), model=entry.model,
+                                   model_version=entry.model_version, lowest_reliable_rank=entry.lowest_reliable_rank,
+                                   source=entry.source, queued_at=entry.queued_at, embedding=embedding))
         if not items:
             return
         try:

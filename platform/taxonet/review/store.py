@@ -187,13 +187,16 @@ class ReviewStore:
 
     def similar(self, crop_id: str, candidates: Iterable[str], limit: int) -> list[tuple[str, float]]:
         """Among ``candidates``, up to ``limit`` crops whose embedding's cosine with the crop's is at least
-        ``similarity``, most similar first (none when the crop has no embedding)."""
+        ``similarity``, most similar first (none when the crop has no embedding). Only crops queued by the same model
+        version count: another version's embedding space is another space, even where the sizes agree."""
         with self._lock:
             ids, matrix = self._embedding_matrix()
-        index = {crop: row for row, crop in enumerate(ids)}
-        if crop_id not in index:
-            return []
-        rows = [index[c] for c in candidates if c in index and c != crop_id]
+            index = {crop: row for row, crop in enumerate(ids)}
+            if crop_id not in index:
+                return []
+            model = _model_of(self._items[crop_id])
+            rows = [index[c] for c in candidates
+                    if c in index and c != crop_id and _model_of(self._items[c]) == model]
         if not rows:
             return []
         cosines = matrix[rows] @ matrix[index[crop_id]]
@@ -209,6 +212,10 @@ class ReviewStore:
             norms = np.linalg.norm(matrix, axis=1, keepdims=True)
             self._embeddings = ids, matrix / np.where(norms > 0, norms, 1.0)
         return self._embeddings
+
+
+def _model_of(item: QueueItem) -> tuple[str, str]:
+    return item.model, item.model_version
 
 
 def _common_size(sizes: list[int]) -> int:

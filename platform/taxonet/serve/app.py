@@ -17,6 +17,10 @@ The ingress preprocesses with the transform the classifier reports (from the che
 pixels; if a rollout changed the transform meanwhile, the classifier refuses them (:class:`StaleTransformError`) and
 the ingress prepares the request again with the new transform. HTTP parsing, auth and the load limits live in
 :mod:`taxonet.serve.http`; the answers are the dataclasses of :mod:`taxonet.serve.predictor`.
+
+With a review queue (``review_queue`` in the args) the ingress asks the classifier for each image's embedding too
+(``classify_many(..., embed=True)``: pooled features from the same forward pass, at most 128 float16 dimensions) and
+hands it to :class:`taxonet.review.queue.ReviewQueueWriter` with the crop; answers to clients never carry it.
 """
 
 # No `from __future__ import annotations`: the deployment classes are pickled by value, and FastAPI must resolve
@@ -46,8 +50,8 @@ from taxonet.serve.follower import ModelFollower, ModelNotReady
 from taxonet.serve.http import (Admission, BearerAuth, PixelBudget, RequestMetrics, Upload, check_images,
                                 read_uploads, where)
 from taxonet.serve.metrics import ClassifierMetrics, IngressMetrics
-from taxonet.serve.predictor import (SERVED_FORMATS, ClassifyResponse, ImageAnswer, ModelRef, Predictor,
-                                     Preprocessor, sniff_format, spec_key)
+from taxonet.serve.predictor import (SERVED_FORMATS, BatchPrediction, ClassifyResponse, ImageAnswer, ModelRef,
+                                     Predictor, Preprocessor, sniff_format, spec_key)
 
 log = logging.getLogger("ray.serve")
 
@@ -61,6 +65,22 @@ PEER_TIMEOUT_S = 10.0
 
 class StaleTransformError(RuntimeError):
     """The pixels were prepared with another transform than the one of the model now served."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Classified:
+    """What :meth:`TaxonetClassifier.classify_many` returns to the ingress: the client's response and, when asked
+    for (the review queue is on), one embedding per image (float16 [D], unit norm; None where the model gives none).
+    Only ``response`` ever reaches a client."""
+
+    response: ClassifyResponse
+    embeddings: list[np.ndarray | None] | None = None
+
+
+#: one image of a request inside the classifier's batcher: pixels or JPEG bytes, their transform key, embed or not
+BatchItem = tuple[np.ndarray | bytes, str, bool]
+#: what the batcher gives back per image: the model that answered, the answer, the embedding if asked for
+BatchResult = tuple[ModelRef, ImageAnswer, np.ndarray | None]
 
 
 # ---------------------------------------------------------------------------------------------------- model side
@@ -205,69 +225,74 @@ class TaxonetClassifier:
                 "classes": {rank: list(names) for rank, names in zip(taxonomy.ranks, taxonomy.names)},
                 "tree": taxonomy.tree()}
 
-    async def classify_many(self, images: np.ndarray | list[np.ndarray | bytes],
-                            transform_key: str) -> ClassifyResponse:
-        """One request's images → its answers in order. Each image is resized uint8 pixels [3, S, S] prepared by the
-        ingress with the transform ``transform_key``, or (``jpeg_on_device``) a JPEG's bytes, decoded here.
-        :class:`StaleTransformError` when pixels were prepared with another transform than the served model's.
+    async def classify_many(self, images: np.ndarray | list[np.ndarray | bytes], transform_key: str,
+                            embed: bool = False) -> Classified:
+        """One request's images → its answers in order (and, with ``embed``, their embeddings from the same forward
+        pass). Each image is resized uint8 pixels [3, S, S] prepared by the ingress with the transform
+        ``transform_key``, or (``jpeg_on_device``) a JPEG's bytes, decoded here. :class:`StaleTransformError` when
+        pixels were prepared with another transform than the served model's.
 
         One call per HTTP request, however many images it carries: Ray and Serve's per-call work (routing, the
         queue-length probe, (de)serialisation, metrics) runs in this replica's process and shares its GIL with the
         forward pass. The images still batch one by one with other requests' images in ``_predict_batch``.
         """
         predictor = self._require()  # the whole request is answered by the model live now
-        results = await asyncio.gather(*(self._predict_batch((predictor, (image, transform_key)))
+        results = await asyncio.gather(*(self._predict_batch((predictor, (image, transform_key, embed)))
                                          for image in images))
         if any(result is None for result in results):
             raise StaleTransformError("the served model's transform changed while the request was prepared")
-        if any(model != results[0][0] for model, _ in results):  # never, by construction: fail rather than mix
+        if any(model != results[0][0] for model, _, _ in results):  # never, by construction: fail rather than mix
             raise RuntimeError("one request was answered by two model versions")
-        return ClassifyResponse(model=results[0][0], predictions=[answer for _, answer in results])
+        response = ClassifyResponse(model=results[0][0], predictions=[answer for _, answer, _ in results])
+        return Classified(response, [embedding for _, _, embedding in results] if embed else None)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _predict_batch(self, items: list[tuple[Predictor, tuple[np.ndarray | bytes, str]]]
-                             ) -> list[tuple[ModelRef, ImageAnswer] | None]:
+    async def _predict_batch(self, items: list[tuple[Predictor, BatchItem]]) -> list[BatchResult | None]:
         # each item carries the predictor its request pinned: a batch formed across a swap runs once per model
         groups: dict[int, tuple[Predictor, list[int]]] = {}
         for index, (predictor, _) in enumerate(items):
             groups.setdefault(id(predictor), (predictor, []))[1].append(index)
-        out: list[tuple[ModelRef, ImageAnswer] | None] = [None] * len(items)
+        out: list[BatchResult | None] = [None] * len(items)
         for predictor, indices in groups.values():
             answers = await self._predict_with(predictor, [items[i][1] for i in indices])
             for index, answer in zip(indices, answers, strict=True):
                 out[index] = answer
         return out
 
-    async def _predict_with(self, predictor: Predictor, items: list[tuple[np.ndarray | bytes, str]]
-                            ) -> list[tuple[ModelRef, ImageAnswer] | None]:
+    async def _predict_with(self, predictor: Predictor, items: list[BatchItem]) -> list[BatchResult | None]:
         key = spec_key(predictor.transform)
         # JPEG bytes are prepared here, with this model's transform: never stale
-        fresh = [i for i, (item, item_key) in enumerate(items) if isinstance(item, bytes) or item_key == key]
-        out: list[tuple[ModelRef, ImageAnswer] | None] = [None] * len(items)
+        fresh = [i for i, (item, item_key, _) in enumerate(items) if isinstance(item, bytes) or item_key == key]
+        out: list[BatchResult | None] = [None] * len(items)
         if fresh:
             images = [items[i][0] for i in fresh]
+            # the whole batch's features come from its one forward pass; only the images asked for get them
+            embed = any(items[i][2] for i in fresh)
             start = time.perf_counter()
             if predictor.device.type == "cuda":
                 # kernels run asynchronously and the wait for them releases the GIL: a worker thread keeps the
                 # replica's event loop taking requests (the next batch fills while this one runs)
-                answers = await asyncio.to_thread(self._predict, predictor, images)
+                prediction = await asyncio.to_thread(self._predict, predictor, images, embed)
             else:
                 # On CPU the forward pass holds a core and, in Python between ops, the GIL: from a worker thread it
                 # starved the event loop, so requests trickled in and batches stayed at ~1 image (ResNet50-MTL,
                 # 2 cores: 14 img/s). Inline, requests queue up during the pass and the next batch takes them all.
-                answers = self._predict(predictor, images)
-            self._metrics.batch(len(fresh), time.perf_counter() - start, answers)
+                prediction = self._predict(predictor, images, embed)
+            self._metrics.batch(len(fresh), time.perf_counter() - start, prediction.answers)
             model = predictor.model_ref
-            for i, answer in zip(fresh, answers):
-                out[i] = (model, answer)
+            embeddings = prediction.embeddings
+            for row, (i, answer) in enumerate(zip(fresh, prediction.answers, strict=True)):
+                wanted = embeddings is not None and items[i][2]
+                out[i] = (model, answer, embeddings[row].copy() if wanted else None)
         return out
 
     @staticmethod
-    def _predict(predictor: Predictor, images: list[np.ndarray | bytes]) -> list[ImageAnswer]:
-        """Answers for a batch of pixels (normalised on the device) and JPEG bytes (decoded on the device)."""
+    def _predict(predictor: Predictor, images: list[np.ndarray | bytes], embed: bool) -> BatchPrediction:
+        """Answers (and, with ``embed``, embeddings) for a batch of pixels (normalised on the device) and JPEG bytes
+        (decoded on the device)."""
         jpegs = [index for index, image in enumerate(images) if isinstance(image, bytes)]
         if not jpegs:
-            return predictor.predict_tensors(torch.from_numpy(np.stack(images)))
+            return predictor.predict_batch(torch.from_numpy(np.stack(images)), embed=embed)
         size = predictor.transform.input_size
         batch = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=predictor.device)
         batch[jpegs] = predictor.preprocess_jpeg_on_device([images[index] for index in jpegs])
@@ -275,7 +300,7 @@ class TaxonetClassifier:
         if pixels:
             stacked = torch.from_numpy(np.stack([images[index] for index in pixels])).to(predictor.device)
             batch[pixels] = normalize_uint8(stacked, predictor.transform)
-        return predictor.predict_tensors(batch)
+        return predictor.predict_batch(batch, embed=embed)
 
     def _require(self) -> Predictor:
         if self._predictor is None:
@@ -391,18 +416,22 @@ class TaxonetIngress:
                 preprocessor = await self._current_preprocessor()
                 pixels = await self._prepare(preprocessor, uploads)
                 try:
-                    response = await self._ask(self._classifier.classify_many.remote(pixels, preprocessor.key))
+                    # embeddings only feed the review queue: asked for only when it is on
+                    classified: Classified = await self._ask(self._classifier.classify_many.remote(
+                        pixels, preprocessor.key, self._review is not None))
                 except StaleTransformError:
                     # a rollout changed the preprocessing after these images were prepared: fetch the new transform
                     # and prepare them again (rare: once per rollout, for the requests in flight)
                     await self._current_preprocessor(stale_key=preprocessor.key)
                     continue
+                response = classified.response
                 predictions = [dataclasses.replace(answer, filename=upload.filename)
                                for upload, answer in zip(uploads, response.predictions, strict=True)]
                 if self._review is not None:  # non-blocking: a full review queue drops and counts
                     source = request.headers.get(SOURCE_HEADER)
-                    for upload, answer in zip(uploads, predictions, strict=True):
-                        self._review.offer(upload.data, answer, response.model, source)
+                    embeddings = classified.embeddings or [None] * len(uploads)
+                    for upload, answer, embedding in zip(uploads, predictions, embeddings, strict=True):
+                        self._review.offer(upload.data, answer, response.model, source, embedding)
                 return dataclasses.replace(response, predictions=predictions)
         raise ApiError(503, "unavailable", "the model's preprocessing kept changing during this request; retry",
                        headers={"Retry-After": str(self._settings.retry_after_s)})
@@ -496,4 +525,4 @@ def app_builder(args: ServeArgs | dict[str, Any]) -> serve.Application:
                                                                    config.ingress_settings().model_dump())
 
 
-__all__ = ["StaleTransformError", "TaxonetClassifier", "TaxonetIngress", "app_builder"]
+__all__ = ["Classified", "StaleTransformError", "TaxonetClassifier", "TaxonetIngress", "app_builder"]

@@ -199,7 +199,7 @@ class ReviewQueueArgs(BaseModel):
     audit_rate: float = Field(0.01, ge=0.0, le=1.0)
     #: crops waiting in memory for the writer; beyond this (or max_memory_bytes) new crops are dropped and counted
     max_items: int = Field(256, ge=1)
-    #: encoded bytes waiting in memory (the request bodies, before re-encoding)
+    #: bytes waiting in memory: the request bodies (before re-encoding) plus their embeddings (≤ 256 bytes each)
     max_memory_bytes: int = Field(64 * MIB, ge=1)
     #: a batch is written when it holds this many crops ...
     batch_size: int = Field(64, ge=1)

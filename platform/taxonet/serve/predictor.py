@@ -15,6 +15,12 @@ the API's response model, so the OpenAPI document and the answers come from one 
 ``score`` is the winning raw logit (the paper's anomaly score), ``reliable`` says it passed the class's threshold
 τ = μ − k·σ, ``confidence`` is Φ((score − μ)/σ) (null where the class has no fitted threshold), ``consistent`` says
 the per-rank winners form a chain of the taxonomy.
+
+On request (:meth:`Predictor.predict_batch` with ``embed=True``: the Serve classifier asks when the review queue is
+on) the predictor also returns each image's **embedding**, the model's own view of it: the pooled backbone features
+R0 that the heads see, from the same forward pass, brought to at most :data:`EMBEDDING_MAX_DIMS` dimensions
+(:func:`embedding_projection`), L2-normalised, float16. Embeddings never appear in answers to clients; the review
+page groups queued crops whose embeddings' cosine is high (look-alikes).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from taxonet.checkpoint import load_checkpoint
 from taxonet.data.transforms import (DEFAULT_MAX_PIXELS, ImageDecodeError, TransformSpec, build_eval_resize,
                                      load_rgb, normalize_uint8, open_image)
 from taxonet.devices import autocast, resolve_device
+from taxonet.models.heads import FEATURES_KEY, HierarchicalClassifier, WithFeatures
 from taxonet.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,11 @@ log = logging.getLogger(__name__)
 SERVED_FORMATS = ("JPEG", "PNG", "WEBP")
 #: labels with probabilities per rank in every answer, unless configured otherwise
 DEFAULT_TOP_K = 3
+#: most dimensions of an embedding (wider backbone features are projected down: :func:`embedding_projection`); the
+#: review queue stores one per queued crop, 2 bytes a dimension in transit
+EMBEDDING_MAX_DIMS = 128
+#: seed of that projection: the same matrix on every replica and every load, so one model's embeddings compare
+EMBEDDING_SEED = 20261201
 
 
 # ---------------------------------------------------------------------------------------------------- answers
@@ -89,6 +101,15 @@ class ImageAnswer:
 class ModelRef:
     name: str
     version: str
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    """A batch's answers and, when asked for, its embeddings: float16 [N, D], each row of unit L2 norm (None when
+    not asked, or for a model without pooled features to give)."""
+
+    answers: list[ImageAnswer]
+    embeddings: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -212,14 +233,43 @@ def freeze_for_cpu(model: torch.nn.Module, input_size: int, *, atol: float = 1e-
     return graph
 
 
+def embedding_projection(feature_dim: int, max_dims: int = EMBEDDING_MAX_DIMS,
+                         seed: int = EMBEDDING_SEED) -> torch.Tensor | None:
+    """The fixed map from ``feature_dim`` backbone features to an embedding of at most ``max_dims``: None (features
+    kept as they are) when ``feature_dim ≤ max_dims``, else a seeded Gaussian random matrix [feature_dim, max_dims].
+
+    A random projection keeps cosines approximately (Johnson–Lindenstrauss): for unit vectors u, v the projected
+    squared distance ‖Pu − Pv‖² (P scaled by 1/√k) is ‖u − v‖² = 2 − 2·cos(u, v) within a relative error of about
+    √(2/k) (one standard deviation; k = ``max_dims``: 12.5 % at 128), so near neighbours stay near neighbours and
+    far ones stay far. Built from ``seed`` on the CPU (the same matrix on every device and every load).
+    """
+    if feature_dim <= max_dims:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(feature_dim, max_dims, generator=generator) / math.sqrt(max_dims)
+
+
+def embed_features(features: torch.Tensor, projection: torch.Tensor | None) -> np.ndarray:
+    """Pooled features [N, F] → embeddings float16 [N, D] on the host: projected (if ``projection``), then
+    L2-normalised in float32 (a zero vector stays zero)."""
+    values = features.float()
+    if projection is not None:
+        values = values @ projection.to(values.device)
+    return functional.normalize(values, dim=1).to(torch.float16).cpu().numpy()
+
+
 # ---------------------------------------------------------------------------------------------------- predictor
 class Predictor:
     """A loaded model plus its taxonomy, preprocessing and anomaly thresholds; answers batches of images.
 
     Build it with :meth:`from_checkpoint`. :meth:`predict_tensors` takes preprocessed images (what a Serve replica
-    runs), :meth:`predict_bytes` encoded ones. On CUDA the forward runs under bf16 autocast with channels_last
-    inputs; on CPU, with ``graph`` (default), through a frozen TorchScript graph (:func:`freeze_for_cpu`), which runs
-    without holding the GIL.
+    runs), :meth:`predict_bytes` encoded ones; :meth:`predict_batch` adds embeddings on request. On CUDA the forward
+    runs under bf16 autocast with channels_last inputs; on CPU, with ``graph`` (default), through a frozen TorchScript
+    graph (:func:`freeze_for_cpu`), which runs without holding the GIL.
+
+    A :class:`~taxonet.models.HierarchicalClassifier` runs as :class:`~taxonet.models.WithFeatures`: every forward
+    pass also yields the pooled features (they are computed anyway; left on the device unless embeddings are asked
+    for), so an embedding never costs a second pass. Any other module (``{rank: logits}`` only) gives no embeddings.
     """
 
     def __init__(self, model: torch.nn.Module, taxonomy: Taxonomy, transform: TransformSpec,
@@ -229,7 +279,15 @@ class Predictor:
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         self.device = resolve_device(device)
+        #: whether the model yields pooled features (and so embeddings)
+        self.has_features = isinstance(model, HierarchicalClassifier)
+        if self.has_features:
+            model = WithFeatures(model)
         self.model = model.to(self.device).eval()
+        projection = embedding_projection(model.feature_dim) if self.has_features else None
+        self._projection = projection.to(self.device) if projection is not None else None
+        #: dimensions of the embeddings (0: the model gives none)
+        self.embedding_dims = (min(model.feature_dim, EMBEDDING_MAX_DIMS) if self.has_features else 0)
         self.taxonomy = taxonomy
         self.transform = transform
         self.has_thresholds = thresholds is not None
@@ -303,26 +361,39 @@ class Predictor:
         return self.preprocessor(data)
 
     @torch.inference_mode()
-    def logits(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+    def forward(self, batch: torch.Tensor, *, embed: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Model output for a preprocessed batch [N, 3, S, S] (float32, or uint8 pixels normalised here on the
-        device): {rank: float32 [N, C]} on the host."""
+        device): ({rank: float32 [N, C]} on the host, the embeddings if ``embed`` and the model has features, else
+        None) — one forward pass either way."""
         images = batch.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:  # resized pixels from Preprocessor.decode: normalise on the device
             images = normalize_uint8(images, self.transform)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp):
-            output = self.model(images)
-        return {rank: values.float().cpu().numpy() for rank, values in output.items()}
+            output = dict(self.model(images))
+        features = output.pop(FEATURES_KEY, None)
+        embeddings = embed_features(features, self._projection) if embed and features is not None else None
+        return {rank: values.float().cpu().numpy() for rank, values in output.items()}, embeddings
+
+    def logits(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        """{rank: float32 [N, C]} on the host for a preprocessed batch (see :meth:`forward`)."""
+        return self.forward(batch)[0]
 
     def predict_tensors(self, batch: torch.Tensor) -> list[ImageAnswer]:
         """Answers for a preprocessed batch [N, 3, S, S] (or one image [3, S, S]): float32 from :meth:`preprocess`,
         or uint8 from ``preprocessor.decode_uint8`` (normalised here, on the model's device)."""
+        return self.predict_batch(batch).answers
+
+    def predict_batch(self, batch: torch.Tensor, *, embed: bool = False) -> BatchPrediction:
+        """:meth:`predict_tensors`'s answers and, with ``embed``, each image's embedding from the same forward pass:
+        float16 [N, D], L2-normalised, ``D = embedding_dims`` (None where the model has no pooled features)."""
         if batch.ndim == 3:
             batch = batch.unsqueeze(0)
         if batch.ndim != 4 or batch.shape[0] == 0:
             raise ValueError(f"expected a batch [N, 3, H, W] with N ≥ 1, got shape {tuple(batch.shape)}")
-        return self.answers(self.logits(batch))
+        logits, embeddings = self.forward(batch, embed=embed)
+        return BatchPrediction(answers=self.answers(logits), embeddings=embeddings)
 
     def predict_bytes(self, images: Sequence[bytes], *, batch_size: int = 32) -> list[ImageAnswer]:
         """Answers for encoded images, ``batch_size`` at a time, each decoded just before its batch runs (at most one
@@ -409,5 +480,6 @@ class Predictor:
         return results
 
 
-__all__ = ["ClassifyResponse", "DEFAULT_TOP_K", "ImageAnswer", "ModelRef", "Predictor", "Preprocessor", "RankAnswer",
-           "SERVED_FORMATS", "TopK", "freeze_for_cpu", "sniff_format", "spec_key"]
+__all__ = ["BatchPrediction", "ClassifyResponse", "DEFAULT_TOP_K", "EMBEDDING_MAX_DIMS", "EMBEDDING_SEED",
+           "ImageAnswer", "ModelRef", "Predictor", "Preprocessor", "RankAnswer", "SERVED_FORMATS", "TopK",
+           "embed_features", "embedding_projection", "freeze_for_cpu", "sniff_format", "spec_key"]
