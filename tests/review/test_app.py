@@ -208,6 +208,10 @@ def test_look_alikes_are_offered_as_a_group(tmp_path) -> None:
                                  model_version="4")]
     write_queue(str(tmp_path / "q"), queue)
     with serving(str(tmp_path / "q"), str(tmp_path / "labels")) as url:
+        # the group asked first, from a page that never listed the queue (a link, a reload): found all the same
+        first = session("ben").get(url + "/api/crops/new-2/similar")
+        assert first.status_code == 200 and [c["crop_id"] for c in first.json()["crops"]] == ["new-2", "new-1", "new-3"]
+        session("ben").post(url + "/api/skip", json={"crop_ids": ["new-1", "new-2", "new-3"]})
         ana = session("ana")
         crops = {c["crop_id"]: c for c in ana.get(url + "/api/next").json()["crops"]}
         assert set(crops["new-1"]["similar"]) == {"new-2", "new-3"} and crops["other"]["similar"] == []

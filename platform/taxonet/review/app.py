@@ -309,9 +309,9 @@ class ReviewApp:
         """Unreviewed crops that look like this one (cosine in the model's embedding), leased to the caller together
         with it, so one decision can name them all."""
         reviewer = self._reviewer(request)
-        item = self._known_item(request.path_params["crop_id"])
         limit = self._limit(request, 24)
-        await self._refresh()
+        await self._refresh()  # first: a crop queued since the last refresh is known after it
+        item = self._known_item(request.path_params["crop_id"])
         candidates = [i.crop_id for i in self.store.select(Filters(), reviewer, self._free_for(reviewer))]
         found = self.store.similar(item.crop_id, candidates, limit)
         granted = set(self.leases.acquire([item.crop_id, *(c for c, _ in found)], reviewer))
