@@ -53,15 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="working directory (default: a temporary one)")
     defaults = DemoData()
     parser.add_argument("--per-species", type=int, default=defaults.per_species)
-    parser.add_argument("--bycatch-images", type=int, default=defaults.bycatch_images_per_family,
-                        help=f"bycatch images per family ({defaults.bycatch_images_per_family})")
+    parser.add_argument("--bycatch-images", type=int, default=None,
+                        help=f"bycatch images per family (default: 2 x --per-species: "
+                             f"{defaults.bycatch_images_per_family})")
     parser.add_argument("--bycatch-species", type=int, default=defaults.bycatch_species_per_family,
                         help=f"bycatch species per family ({defaults.bycatch_species_per_family})")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a demo config value (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    data = DemoData(per_species=args.per_species, bycatch_images_per_family=args.bycatch_images,
+    data = DemoData(per_species=args.per_species, bycatch_images=args.bycatch_images,
                     bycatch_species_per_family=args.bycatch_species)
     with tempfile.TemporaryDirectory(prefix="taxonet-demo-recipe-") as tmp:
         out = Path(args.out or tmp).resolve()
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                   " ".join(f"{key}={value:.3f}" for key, value in row.items()), flush=True)
         assert config is not None
         print(f"\ndemo recipe: {taxonomy.describe()}, {data.per_species} images/species, {data.image_size} px, "
-              f"bycatch {data.bycatch_images_per_family} images/family, dependency {config.loss.dependency}, "
+              f"bycatch {data.bycatch_images_per_family} images/family in {data.bycatch_species_per_family} kinds, "
+              f"dependency {config.loss.dependency}, "
               f"outlier_weight {config.loss.outlier_weight:g}, lr {config.optim.lr:g}, {config.optim.epochs} epochs, "
               f"seeds {args.first_seed}..{args.first_seed + args.seeds - 1}")
         for key, label in FIGURES:
