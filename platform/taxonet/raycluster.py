@@ -62,7 +62,9 @@ def init(address: str | None = None, num_cpus: int | None = None, **kwargs: obje
     log.info("starting an embedded local Ray (%s CPUs)", num_cpus or "all")
     # The dashboard (on loopback) serves Ray's state API, which Ray Train's placement-group cleaner polls: without
     # it every training run logs "Failed to query Ray Train Controller actor state" every few seconds.
-    context = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+    # address="local": a new Ray of its own, even when a cluster someone started with `ray start` runs on this
+    # machine (ray.init() without an address would join that one, and then refuse num_cpus)
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                        _node_ip_address="127.0.0.1", **kwargs)
     return EmbeddedRay(mark=mark, session_dir=str(context.address_info.get("session_dir", "")))
 

@@ -468,15 +468,27 @@ def open_input(uri: str | os.PathLike) -> Iterator[BinaryIO]:
         yield stream
 
 
+#: reads of an S3 object that was replaced meanwhile, before read_bytes gives up
+TORN_READ_ATTEMPTS = 5
+
+
 def read_bytes(uri: str | os.PathLike) -> bytes:
-    """The whole object/file. A missing one raises FileNotFoundError; storage failures raise StorageError."""
+    """The whole object/file. A missing one raises FileNotFoundError; storage failures raise StorageError.
+
+    On S3 the object is read as its size was when the read began (pyarrow asks for the size, then for that byte
+    range): an object replaced in between (an alias moved by ``taxonet models promote``) would come back cut to the
+    old length. The size is asked again after the read, and the read repeated while the two disagree."""
     text = check_uri(uri)
     filesystem, path = pyarrow_filesystem(text)
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read()
-    except Exception as exc:
-        raise _translate(exc, "read", text) from None
+    for _ in range(TORN_READ_ATTEMPTS):
+        try:
+            with filesystem.open_input_stream(path) as stream:
+                data = stream.read()
+            if not text.startswith(S3_SCHEME) or filesystem.get_file_info(path).size == len(data):
+                return data
+        except Exception as exc:
+            raise _translate(exc, "read", text) from None
+    raise StorageError(f"could not read {text}: it was replaced during each of {TORN_READ_ATTEMPTS} reads")
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
