@@ -137,3 +137,15 @@ def log_in_firefox(browser: Firefox, url: str, name: str, token: str = TOKEN, wa
     browser.click("#login-token")
     browser.keys(token, "Enter")
     browser.wait_for("!document.getElementById('review').hidden", "the review page never showed", wait_s)
+
+
+def assert_three_crops_reviewed(labels: str) -> None:
+    """The label records the browser tests' story leaves on ``labels``: crop-a named by mouse to a species, crop-b
+    by keyboard as a new species in Apidae, crop-c accepted and undone (a retract record, the history kept)."""
+    decisions = records.read_decisions(labels)
+    said = [(d.crop_id, d.reviewer, d.kind, d.rank, d.taxon, d.parent) for d in decisions]
+    assert said == [("crop-a", "ana", "taxon", "species", "Apis mellifera", None),
+                    ("crop-b", "ana", "new_species", "family", None, "Apidae"),
+                    ("crop-c", "ana", "taxon", "species", "Vespula vulgaris", None),
+                    ("crop-c", "ana", "retract", None, None, None)]
+    assert set(records.current_labels(decisions)) == {"crop-a", "crop-b"}

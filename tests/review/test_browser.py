@@ -10,8 +10,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from taxonet.review import records
-from tests.review.review_support import chromium, item, log_in, serving, write_queue
+from tests.review.review_support import assert_three_crops_reviewed, chromium, item, log_in, serving, write_queue
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(600)]
 WAIT_S = 90
@@ -67,10 +66,4 @@ def test_review_three_crops_by_mouse_keyboard_and_undo(s3_bucket: str) -> None:
         severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert severe == [], severe
 
-    decisions = records.read_decisions(labels)
-    said = [(d.crop_id, d.reviewer, d.kind, d.rank, d.taxon, d.parent) for d in decisions]
-    assert said == [("crop-a", "ana", "taxon", "species", "Apis mellifera", None),
-                    ("crop-b", "ana", "new_species", "family", None, "Apidae"),
-                    ("crop-c", "ana", "taxon", "species", "Vespula vulgaris", None),
-                    ("crop-c", "ana", "retract", None, None, None)]
-    assert set(records.current_labels(decisions)) == {"crop-a", "crop-b"}
+    assert_three_crops_reviewed(labels)

@@ -11,9 +11,8 @@ import shutil
 
 import pytest
 
-from taxonet.review import records
 from tests.review.firefox_bidi import FIREFOX, Firefox, firefox
-from tests.review.review_support import item, log_in_firefox, serving, write_queue
+from tests.review.review_support import assert_three_crops_reviewed, item, log_in_firefox, serving, write_queue
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(600),
               pytest.mark.skipif(shutil.which(FIREFOX) is None,
@@ -75,10 +74,4 @@ def test_review_three_crops_in_firefox(s3_bucket: str) -> None:
         errors = browser.errors()
         assert errors == [], [(entry.get("type"), entry.get("text")) for entry in errors]
 
-    decisions = records.read_decisions(labels)
-    said = [(d.crop_id, d.reviewer, d.kind, d.rank, d.taxon, d.parent) for d in decisions]
-    assert said == [("crop-a", "ana", "taxon", "species", "Apis mellifera", None),
-                    ("crop-b", "ana", "new_species", "family", None, "Apidae"),
-                    ("crop-c", "ana", "taxon", "species", "Vespula vulgaris", None),
-                    ("crop-c", "ana", "retract", None, None, None)]
-    assert set(records.current_labels(decisions)) == {"crop-a", "crop-b"}
+    assert_three_crops_reviewed(labels)
