@@ -210,7 +210,7 @@ def _now() -> str:
 def read_alias(models: str, name: str, alias: str) -> AliasRecord | None:
     uri = alias_uri(models, name, alias)
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, replaced_in_place=True)  # promote replaces it while servers poll
     except FileNotFoundError:
         return None
     return AliasRecord.from_bytes(data, uri)

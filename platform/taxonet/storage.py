@@ -24,6 +24,7 @@ import os
 import posixpath
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -469,23 +470,26 @@ def open_input(uri: str | os.PathLike) -> Iterator[BinaryIO]:
 
 
 #: reads of an S3 object that was replaced meanwhile, before read_bytes gives up
-TORN_READ_ATTEMPTS = 5
+TORN_READ_ATTEMPTS = 10
 
 
-def read_bytes(uri: str | os.PathLike) -> bytes:
+def read_bytes(uri: str | os.PathLike, *, replaced_in_place: bool = False) -> bytes:
     """The whole object/file. A missing one raises FileNotFoundError; storage failures raise StorageError.
 
-    On S3 the object is read as its size was when the read began (pyarrow asks for the size, then for that byte
-    range): an object replaced in between (an alias moved by ``taxonet models promote``) would come back cut to the
-    old length. The size is asked again after the read, and the read repeated while the two disagree."""
+    ``replaced_in_place``: for objects that are overwritten while others read them (registry aliases). On S3 an
+    object is read as its size was when the read began (pyarrow asks for the size, then for that byte range): one
+    replaced in between comes back cut to the old length. Then the size is asked again after the read (one more
+    request), and the read repeated while the two disagree. Write-once objects (images, shards) skip that."""
     text = check_uri(uri)
     filesystem, path = pyarrow_filesystem(text)
-    for _ in range(TORN_READ_ATTEMPTS):
+    check_size = replaced_in_place and text.startswith(S3_SCHEME)
+    for attempt in range(TORN_READ_ATTEMPTS):
         try:
             with filesystem.open_input_stream(path) as stream:
                 data = stream.read()
-            if not text.startswith(S3_SCHEME) or filesystem.get_file_info(path).size == len(data):
+            if not check_size or filesystem.get_file_info(path).size == len(data):
                 return data
+            time.sleep(0.01 * (attempt + 1))  # a write is in progress: let it land
         except Exception as exc:
             raise _translate(exc, "read", text) from None
     raise StorageError(f"could not read {text}: it was replaced during each of {TORN_READ_ATTEMPTS} reads")

