@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 import requests
@@ -20,6 +21,7 @@ from taxonet.config import ConfigError
 from taxonet.review import records
 from taxonet.auth import load_tokens
 from taxonet.review.leases import Leases
+from taxonet.taxonomy import Taxonomy
 from tests.checkpoint_support import tiny_checkpoint
 from tests.review import test_stats
 from tests.review.review_support import TAXONOMY, TOKEN, free_port, item, serving, session, write_queue
@@ -296,3 +298,62 @@ def test_the_taxonomy_comes_from_a_file_or_a_published_model(tmp_path) -> None:
     assert list(load_taxonomy(str(tmp_path / "taxa.csv"), None).names[2]) == ["Eristalis tenax"]
     with pytest.raises(ConfigError, match="--taxonomy FILE"):
         load_taxonomy(None, None)
+
+
+def test_a_promote_that_adds_a_species_reaches_the_running_page(tmp_path) -> None:
+    """The loop's new class: the page follows ``--model MODELS/NAME@production``; once a version whose taxonomy
+    has one more species is promoted, reviewers find and pick it without a restart. A taxonomy that cannot be read
+    (a broken alias) keeps the one in use."""
+    models = str(tmp_path / "models")
+    registry.publish(str(tiny_checkpoint(tmp_path / "v1")), models, "demo")
+    registry.promote(models, "demo", 1, "production")
+    grown = Taxonomy.from_rows([*TAXONOMY.rows(), ["Hymenoptera", "Apidae", "Apis nova"]], TAXONOMY.ranks)
+    registry.publish(str(tiny_checkpoint(tmp_path / "v2", taxonomy=grown)), models, "demo")
+    queue = str(tmp_path / "q")
+    write_queue(queue, _queue())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TAXONET_API_TOKEN": TOKEN}
+    env.pop("TAXONET_API_TOKEN_FILE", None)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "taxonet.cli", "review", "serve", queue, "--model",
+                                f"{models}/demo@production", "--port", str(port), "--refresh-s", "0.2"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, ana = f"http://127.0.0.1:{port}", session("ana")
+
+    def found(query: str) -> list[str]:
+        response = ana.get(url + "/api/taxa", params={"q": query}, timeout=10)
+        assert response.status_code == 200, response.text
+        return [taxon["name"] for taxon in response.json()["taxa"]]
+
+    def name_it(taxon: str) -> requests.Response:
+        return ana.post(url + "/api/decisions", json={"crop_ids": ["ord-api"], "kind": "taxon", "rank": "species",
+                                                      "taxon": taxon}, timeout=10)
+
+    def wait_until(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    try:
+        def started() -> bool:
+            try:
+                return ana.get(url + "/api/me", timeout=5).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(started, "the review server did not start")
+        assert found("nova") == [] and found("mellif") == ["Apis mellifera"]
+        assert name_it("Apis nova").status_code == 400  # not a taxon of the model in production yet
+        registry.promote(models, "demo", 2, "production", allow_taxonomy_change=True)
+        wait_until(lambda: found("nova") == ["Apis nova"], "the promoted taxonomy's new species was never offered")
+        assert name_it("Apis nova").status_code == 200
+        (tmp_path / "models" / "demo" / "aliases" / "production.json").write_text("{broken")
+        time.sleep(1.0)  # several refreshes, each failing to read the alias
+        assert found("nova") == ["Apis nova"] and process.poll() is None
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=60)[0]
+    assert "the taxonomy changed" in output and "could not be re-read" in output
+    assert [(d.kind, d.taxon) for d in records.read_decisions(str(tmp_path / "q" / "labels"))] == [
+        ("taxon", "Apis nova")]

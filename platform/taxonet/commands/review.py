@@ -30,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8300, help="port (default: 8300)")
     serve.add_argument("--lease-s", type=float, default=None, help="how long a shown crop stays reserved for its "
                                                                   "reviewer (default: 600)")
-    serve.add_argument("--refresh-s", type=float, default=None, help="how often new batches and other servers' "
-                                                                    "decisions are read (default: 15)")
+    serve.add_argument("--refresh-s", type=float, default=None, help="how often new batches, other servers' "
+                                                                    "decisions and the taxonomy (a promote may add "
+                                                                    "species) are read (default: 15)")
     serve.set_defaults(handler=_serve)
 
 
@@ -52,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     labels = args.labels or storage.join(args.queue, "labels")
     store = ReviewStore(args.queue, labels, taxonomy,
-                        refresh_s=DEFAULT_REFRESH_S if args.refresh_s is None else args.refresh_s)
+                        refresh_s=DEFAULT_REFRESH_S if args.refresh_s is None else args.refresh_s,
+                        taxonomy_source=lambda: load_taxonomy(args.taxonomy, args.model))
     store.refresh(force=True)
     leases = Leases(DEFAULT_TTL_S if args.lease_s is None else args.lease_s)
     print(f"review page on http://{args.host}:{args.port}/ — {len(store.items())} queued crops, "

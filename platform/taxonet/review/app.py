@@ -114,7 +114,15 @@ class ReviewApp:
         self.store = store
         self.leases = leases
         self.tokens = tuple(tokens)
-        self.taxa = taxon_index(store.taxonomy)
+        self._taxa: tuple[Taxonomy, list[TaxonEntry]] | None = None
+
+    @property
+    def taxa(self) -> list[TaxonEntry]:
+        """The type-ahead's index of the store's taxonomy, rebuilt when the store took a new one."""
+        taxonomy = self.store.taxonomy
+        if self._taxa is None or self._taxa[0] is not taxonomy:
+            self._taxa = (taxonomy, taxon_index(taxonomy))
+        return self._taxa[1]
 
     # ------------------------------------------------------------------ plumbing
     def starlette(self) -> Starlette:
@@ -266,6 +274,7 @@ class ReviewApp:
 
     async def search(self, request: Request) -> Response:
         self._authorize(request)
+        await self._refresh()  # at most every refresh_s: a taxonomy changed by a promote is searched after it
         found = search_taxa(self.taxa, request.query_params.get("q", ""), self._limit(request, 20),
                             request.query_params.get("rank") or None)
         return JSONResponse({"taxa": [{"rank": e.rank, "name": e.name, "chain": list(e.chain)} for e in found]})

@@ -2,6 +2,10 @@
 with storage (new batches and other servers' decisions are picked up every ``refresh_s``), and the queries the page
 needs (next crops most useful first, filters, similar crops, per-crop status).
 
+With a ``taxonomy_source`` (the CLI passes one that re-reads ``--taxonomy FILE`` or the model behind ``--model
+MODELS/NAME@ALIAS``) the taxonomy is re-read on the same cadence: after a promote adds a species (the loop's new
+classes), reviewers can pick it without a restart. A failed re-read keeps the taxonomy in use and is logged.
+
 Writes go to storage first (:func:`records.write_decision`), then into memory: a decision the page saw accepted is
 on storage.
 """
@@ -9,6 +13,7 @@ on storage.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,6 +24,8 @@ import numpy as np
 from taxonet.review import records
 from taxonet.review.records import Decision, QueueItem
 from taxonet.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REFRESH_S = 15.0
 #: cosine similarity from which two crops count as "look alike" in the model's embedding
@@ -45,10 +52,12 @@ class Filters:
 
 class ReviewStore:
     def __init__(self, queue: str, labels: str, taxonomy: Taxonomy, *, refresh_s: float = DEFAULT_REFRESH_S,
-                 similarity: float = DEFAULT_SIMILARITY, clock: Callable[[], float] = time.monotonic) -> None:
+                 similarity: float = DEFAULT_SIMILARITY, clock: Callable[[], float] = time.monotonic,
+                 taxonomy_source: Callable[[], Taxonomy] | None = None) -> None:
         self.queue = queue
         self.labels = labels
         self.taxonomy = taxonomy
+        self.taxonomy_source = taxonomy_source
         self.refresh_s = refresh_s
         self.similarity = similarity
         self._clock = clock
@@ -83,7 +92,21 @@ class ReviewStore:
                    if i not in self._decisions]
             if new:
                 self._add(new)
+            self._refresh_taxonomy()
             self._refreshed_at = now
+
+    def _refresh_taxonomy(self) -> None:
+        if self.taxonomy_source is None:
+            return
+        try:
+            taxonomy = self.taxonomy_source()
+        except Exception as exc:  # noqa: BLE001 - a store or alias briefly unreadable: keep the taxonomy in use
+            log.warning("the taxonomy could not be re-read (%s: %s); keeping the one in use", type(exc).__name__, exc)
+            return
+        if taxonomy.to_dict() != self.taxonomy.to_dict():
+            log.warning("the taxonomy changed: %d taxa at %s now (was %d)", len(taxonomy.names[-1]),
+                        taxonomy.ranks[-1], len(self.taxonomy.names[-1]))
+            self.taxonomy = taxonomy
 
     def _add(self, decisions: Iterable[Decision]) -> None:
         for decision in decisions:
