@@ -66,15 +66,16 @@ def _keys(bucket: str, prefix: str) -> list[str]:
 
 def test_train_learns_checkpoints_to_s3_and_resumes(ray_local, s3_dataset, s3_bucket, tmp_path):
     storage = f"s3://{s3_bucket}/runs"
-    first = run_training(_config(s3_dataset, storage, "learn", epochs=4))
+    first = run_training(_config(s3_dataset, storage, "learn", epochs=6))
     assert first.resumed_from_epoch is None
-    assert [h["epoch"] for h in first.history] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in first.history] == [0, 1, 2, 3, 4, 5]
     # learns: far above chance (macro-F1 of a constant or random guess: about 0.25 for 4 orders, 0.11 for 9 species)
     curve = [(h["epoch"], round(h["train_loss"], 3), round(h["val_loss"], 3), round(h["val_order_f1"], 3),
               round(h["val_species_f1"], 3)) for h in first.history]
     # (the best epoch by validation loss need not be the one with the best F1, and 2-worker data order varies from
-    # run to run: judge the run by its best epoch per metric; one CI run: best-loss epoch order 0.664, species
-    # 0.243, best per metric 0.672 and 0.41)
+    # run to run: judge the run by its best epoch per metric. After 4 epochs species F1 was still climbing and spread
+    # 0.27-0.44 over 7 runs (one CI failure at 0.274); after 6 epochs, 6 runs on this box gave best order F1
+    # 0.87-0.92 and best species F1 0.42-0.54)
     assert max(h["val_order_f1"] for h in first.history) >= 0.6, curve
     assert max(h["val_species_f1"] for h in first.history) >= 0.3, curve
     assert first.metrics["val_order_f1"] >= 0.45, curve  # the published (best-loss) epoch is well above chance too
@@ -95,12 +96,12 @@ def test_train_learns_checkpoints_to_s3_and_resumes(ray_local, s3_dataset, s3_bu
 
     # same run name, one more epoch: resumes from the latest checkpoint instead of restarting. The first run kept
     # the small splits in the object store (data.cache=auto); this one streams them from S3 every epoch.
-    second = run_training(_config(s3_dataset, storage, "learn", epochs=5, **{"data.cache": "never"}))
-    assert second.resumed_from_epoch == 4
-    assert [h["epoch"] for h in second.history] == [0, 1, 2, 3, 4]
+    second = run_training(_config(s3_dataset, storage, "learn", epochs=7, **{"data.cache": "never"}))
+    assert second.resumed_from_epoch == 6
+    assert [h["epoch"] for h in second.history] == [0, 1, 2, 3, 4, 5, 6]
     metrics = json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key="runs/learn/best/metrics.json")["Body"]
                          .read())
-    assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2, 3, 4]
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2, 3, 4, 5, 6]
 
 
 def _checkpoint_registered(run_uri: str, epoch: int) -> bool:
