@@ -16,7 +16,8 @@ import pytest
 import requests
 
 from taxonet import registry
-from taxonet.commands.review import load_taxonomy
+from taxonet import checkpoint as checkpoint_module
+from taxonet.commands.review import TaxonomyReader, load_taxonomy
 from taxonet.config import ConfigError
 from taxonet.review import records
 from taxonet.auth import load_tokens
@@ -298,6 +299,34 @@ def test_the_taxonomy_comes_from_a_file_or_a_published_model(tmp_path) -> None:
     assert list(load_taxonomy(str(tmp_path / "taxa.csv"), None).names[2]) == ["Eristalis tenax"]
     with pytest.raises(ConfigError, match="--taxonomy FILE"):
         load_taxonomy(None, None)
+
+
+def test_the_page_reads_a_models_taxonomy_again_only_after_a_promote(tmp_path, monkeypatch) -> None:
+    models = str(tmp_path / "models")
+    registry.publish(str(tiny_checkpoint(tmp_path / "v1")), models, "demo")
+    grown = Taxonomy.from_rows(TAXONOMY.rows() + [("Diptera", "Syrphidae", "Volucella zonaria")])
+    registry.publish(str(tiny_checkpoint(tmp_path / "v2", taxonomy=grown)), models, "demo")
+    registry.promote(models, "demo", 1, "production")
+    reads = []
+    real = checkpoint_module.read_listed_json
+    monkeypatch.setattr(checkpoint_module, "read_listed_json",
+                        lambda uri, name, *a, **k: reads.append((uri, name)) or real(uri, name, *a, **k))
+    reader = TaxonomyReader(None, f"{models}/demo@production")
+    first = reader()
+    assert first.rows() == TAXONOMY.rows() and len(reads) == 1
+    assert reader() is first and reader() is first and len(reads) == 1  # refreshes with the alias unchanged
+    registry.promote(models, "demo", 2, "production", allow_taxonomy_change=True)
+    assert reader().rows() == grown.rows() and len(reads) == 2
+    assert reads[-1][0] == registry.version_uri(models, "demo", 2)
+    # a file: parsed again only when its bytes change
+    taxa = tmp_path / "taxa.csv"
+    taxa.write_text("order,family,species\nDiptera,Syrphidae,Eristalis tenax\n")
+    from_file = TaxonomyReader(str(taxa), None)
+    assert from_file() is from_file() and list(from_file().names[2]) == ["Eristalis tenax"]
+    taxa.write_text("order,family,species\nDiptera,Syrphidae,Eristalis tenax\nDiptera,Syrphidae,Volucella zonaria\n")
+    assert list(from_file().names[2]) == ["Eristalis tenax", "Volucella zonaria"]
+    with pytest.raises(ConfigError, match="--taxonomy FILE"):
+        TaxonomyReader(None, None)()
 
 
 def test_a_promote_that_adds_a_species_reaches_the_running_page(tmp_path) -> None:

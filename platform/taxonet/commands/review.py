@@ -46,7 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
     from taxonet.review.leases import DEFAULT_TTL_S, Leases
     from taxonet.review.store import DEFAULT_REFRESH_S, ReviewStore
 
-    taxonomy = load_taxonomy(args.taxonomy, args.model)
+    taxonomy_source = TaxonomyReader(args.taxonomy, args.model)
+    taxonomy = taxonomy_source()
     try:
         tokens = load_tokens()
     except RuntimeError as exc:
@@ -54,7 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
     labels = args.labels or storage.join(args.queue, "labels")
     store = ReviewStore(args.queue, labels, taxonomy,
                         refresh_s=DEFAULT_REFRESH_S if args.refresh_s is None else args.refresh_s,
-                        taxonomy_source=lambda: load_taxonomy(args.taxonomy, args.model))
+                        taxonomy_source=taxonomy_source)
     store.refresh(force=True)
     leases = Leases(DEFAULT_TTL_S if args.lease_s is None else args.lease_s)
     print(f"review page on http://{args.host}:{args.port}/ — {len(store.items())} queued crops, "
@@ -63,19 +64,57 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class TaxonomyReader:
+    """``load_taxonomy`` for a page that re-reads it every refresh. Per call: the file (one read), or what the model
+    reference resolves to (the alias and the version's manifest); taxonomy.json is read and parsed again only when
+    that changed, i.e. after a promote."""
+
+    def __init__(self, taxonomy: str | None, model: str | None) -> None:
+        self.taxonomy_file, self.model = taxonomy, model
+        self._key: object = None
+        self._taxonomy: Taxonomy | None = None
+
+    def __call__(self) -> Taxonomy:
+        from taxonet import registry, storage
+
+        if self.taxonomy_file:
+            key: object = storage.read_bytes(self.taxonomy_file)
+            if key != self._key or self._taxonomy is None:
+                self._taxonomy, self._key = _parse_taxonomy(self.taxonomy_file, key), key
+        elif self.model:
+            resolved = registry.resolve(self.model)
+            key = (resolved.uri, resolved.fingerprint)
+            if key != self._key or self._taxonomy is None:
+                self._taxonomy, self._key = _model_taxonomy(resolved.uri), key
+        else:
+            return load_taxonomy(None, None)  # the error that says what is missing
+        return self._taxonomy
+
+
+def _parse_taxonomy(reference: str, data: bytes) -> Taxonomy:
+    from taxonet.taxonomy import Taxonomy
+
+    text = data.decode("utf-8")
+    return Taxonomy.from_csv(text) if reference.lower().endswith(".csv") else Taxonomy.loads(text)
+
+
+def _model_taxonomy(uri: str) -> Taxonomy:
+    from taxonet import checkpoint
+    from taxonet.taxonomy import Taxonomy
+
+    return Taxonomy.from_dict(checkpoint.read_listed_json(uri, "taxonomy.json",
+                                                          checkpoint.read_manifest(uri, verify=False)))
+
+
 def load_taxonomy(taxonomy: str | None, model: str | None) -> Taxonomy:
     """The taxa reviewers pick from: a YAML/JSON/CSV file (local or a storage URI), or the taxonomy inside a model
     (``MODELS/NAME@ALIAS``, ``MODELS/NAME@N`` or a checkpoint URI; only its manifest and taxonomy.json are read)."""
-    from taxonet import checkpoint, registry, storage
+    from taxonet import registry, storage
     from taxonet.config import ConfigError
-    from taxonet.taxonomy import Taxonomy
 
     if taxonomy:
-        text = storage.read_bytes(taxonomy).decode("utf-8")
-        return Taxonomy.from_csv(text) if taxonomy.lower().endswith(".csv") else Taxonomy.loads(text)
+        return _parse_taxonomy(taxonomy, storage.read_bytes(taxonomy))
     if model:
-        uri = registry.resolve(model).uri
-        return Taxonomy.from_dict(checkpoint.read_listed_json(uri, "taxonomy.json",
-                                                              checkpoint.read_manifest(uri, verify=False)))
+        return _model_taxonomy(registry.resolve(model).uri)
     raise ConfigError("the review page needs the taxonomy reviewers pick from: --taxonomy FILE or "
                       "--model MODELS/NAME@ALIAS")
