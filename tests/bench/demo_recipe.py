@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
               f"bycatch {data.bycatch_images_per_family} images/family in {data.bycatch_species_per_family} kinds, "
               f"dependency {config.loss.dependency}, "
               f"outlier_weight {config.loss.outlier_weight:g}, lr {config.optim.lr:g}, {config.optim.epochs} epochs, "
+              f"batch {config.optim.batch_size} per worker x {config.train.num_workers} workers, "
               f"seeds {args.first_seed}..{args.first_seed + args.seeds - 1}")
         for key, label in FIGURES:
             print(f"  {label}: {summary([row[key] for row in rows])}")
