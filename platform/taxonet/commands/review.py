@@ -75,46 +75,32 @@ class TaxonomyReader:
         self._taxonomy: Taxonomy | None = None
 
     def __call__(self) -> Taxonomy:
-        from taxonet import registry, storage
+        from taxonet import checkpoint, registry, storage
+        from taxonet.taxonomy import Taxonomy
 
         if self.taxonomy_file:
             key: object = storage.read_bytes(self.taxonomy_file)
             if key != self._key or self._taxonomy is None:
-                self._taxonomy, self._key = _parse_taxonomy(self.taxonomy_file, key), key
+                text = key.decode("utf-8")
+                csv = self.taxonomy_file.lower().endswith(".csv")
+                self._taxonomy, self._key = Taxonomy.from_csv(text) if csv else Taxonomy.loads(text), key
         elif self.model:
             resolved = registry.resolve(self.model)
             key = (resolved.uri, resolved.fingerprint)
             if key != self._key or self._taxonomy is None:
-                self._taxonomy, self._key = _model_taxonomy(resolved.uri), key
+                manifest = checkpoint.read_manifest(resolved.uri, verify=False)
+                self._taxonomy = Taxonomy.from_dict(checkpoint.read_listed_json(resolved.uri, "taxonomy.json",
+                                                                                manifest))
+                self._key = key
         else:
-            return load_taxonomy(None, None)  # the error that says what is missing
+            from taxonet.config import ConfigError
+
+            raise ConfigError("the review page needs the taxonomy reviewers pick from: --taxonomy FILE or "
+                              "--model MODELS/NAME@ALIAS")
         return self._taxonomy
-
-
-def _parse_taxonomy(reference: str, data: bytes) -> Taxonomy:
-    from taxonet.taxonomy import Taxonomy
-
-    text = data.decode("utf-8")
-    return Taxonomy.from_csv(text) if reference.lower().endswith(".csv") else Taxonomy.loads(text)
-
-
-def _model_taxonomy(uri: str) -> Taxonomy:
-    from taxonet import checkpoint
-    from taxonet.taxonomy import Taxonomy
-
-    return Taxonomy.from_dict(checkpoint.read_listed_json(uri, "taxonomy.json",
-                                                          checkpoint.read_manifest(uri, verify=False)))
 
 
 def load_taxonomy(taxonomy: str | None, model: str | None) -> Taxonomy:
     """The taxa reviewers pick from: a YAML/JSON/CSV file (local or a storage URI), or the taxonomy inside a model
     (``MODELS/NAME@ALIAS``, ``MODELS/NAME@N`` or a checkpoint URI; only its manifest and taxonomy.json are read)."""
-    from taxonet import registry, storage
-    from taxonet.config import ConfigError
-
-    if taxonomy:
-        return _parse_taxonomy(taxonomy, storage.read_bytes(taxonomy))
-    if model:
-        return _model_taxonomy(registry.resolve(model).uri)
-    raise ConfigError("the review page needs the taxonomy reviewers pick from: --taxonomy FILE or "
-                      "--model MODELS/NAME@ALIAS")
+    return TaxonomyReader(taxonomy, model)()
