@@ -231,10 +231,12 @@ class Taxonomy:
     def load(cls, path: str | Path) -> "Taxonomy":
         """Load from a YAML/JSON file, or a CSV with one column per rank (header = rank names)."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".csv":
-            return cls.from_csv(text)
-        return cls.loads(text)
+        return cls.parse(path.read_text(encoding="utf-8"), path.name)
+
+    @classmethod
+    def parse(cls, text: str, name: str) -> "Taxonomy":
+        """The text of a taxonomy file named ``name``: CSV when the name ends in .csv, YAML/JSON otherwise."""
+        return cls.from_csv(text) if name.lower().endswith(".csv") else cls.loads(text)
 
     @classmethod
     def from_csv(cls, text: str) -> "Taxonomy":

@@ -81,9 +81,7 @@ class TaxonomyReader:
         if self.taxonomy_file:
             key: object = storage.read_bytes(self.taxonomy_file)
             if key != self._key or self._taxonomy is None:
-                text = key.decode("utf-8")
-                csv = self.taxonomy_file.lower().endswith(".csv")
-                self._taxonomy, self._key = Taxonomy.from_csv(text) if csv else Taxonomy.loads(text), key
+                self._taxonomy, self._key = Taxonomy.parse(key.decode("utf-8"), self.taxonomy_file), key
         elif self.model:
             resolved = registry.resolve(self.model)
             key = (resolved.uri, resolved.fingerprint)

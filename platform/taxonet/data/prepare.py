@@ -190,8 +190,7 @@ def load_taxonomy(reference: str | None) -> Taxonomy | None:
         return Taxonomy.demo()
     if not storage.is_s3(reference):
         return Taxonomy.load(storage.local_path(reference))
-    text = storage.read_bytes(reference).decode("utf-8")
-    return Taxonomy.from_csv(text) if reference.lower().endswith(".csv") else Taxonomy.loads(text)
+    return Taxonomy.parse(storage.read_bytes(reference).decode("utf-8"), reference)
 
 
 # ---------------------------------------------------------------------------------------------------- scanning
